@@ -1,0 +1,52 @@
+# cycleprune: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the pinned requirements (run and test do this too)
+
+run: $(STAMP) ## Run the main job: the pipeline on the bundled PneumoniaMNIST (ARGS="--preset smoke")
+	$(PY) -m cycleprune run $(ARGS)
+
+test: $(STAMP) ## Run the whole test suite (what CI runs)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## Format and sort imports with ruff
+	$(PY) -m ruff check --fix --select I .
+	$(PY) -m ruff format .
+
+lock: ## Re-pin requirements.txt from requirements.in in a fresh virtualenv
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -r requirements.in
+	( echo "# Pinned by \`make lock\` from requirements.in. Do not edit by hand."; \
+	  .lock-venv/bin/pip freeze --exclude-editable ) > requirements.txt
+	rm -rf .lock-venv
+
+clean: ## Remove caches and local runs (keeps .venv)
+	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
+
+.PHONY: help install run test test-fast lint format lock clean

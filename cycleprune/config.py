@@ -1,0 +1,613 @@
+"""Typed, validated run configuration.
+
+A :class:`Config` is a frozen tree of one dataclass per stage. It round-trips through plain dicts,
+JSON and YAML, and overrides come as dotted ``key=value`` strings (``train.epochs=3``). Presets:
+
+- ``smoke``: a few seconds per stage, for tests;
+- ``small``: the CPU default, minutes for the whole pipeline;
+- ``seed``: the original article's hyperparameters exactly (full-width VGG, batch 32, CLR
+  1e-3..1e-1 with step = 4 epochs, 32 epochs, focal loss, class weights {0: 1.0, 1: 0.33},
+  pruning 0 -> 50% over 8 epochs every 100 steps).
+
+Every value is checked when the dataclass is built; a bad one raises ``ValueError`` naming the
+field and the value. Durations are epochs unless the field name says steps; the conversion lives in
+:func:`epochs_to_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POLICIES = ("triangular", "triangular2", "exp_range")
+LOSSES = ("focal", "crossentropy")
+OPTIMIZERS = ("sgd", "adam")
+PRUNING_SCHEDULES = ("polynomial", "constant")
+QUANTIZATIONS = ("float32", "dynamic", "int8")
+THRESHOLD_RULES = ("youden", "f1", "sensitivity", "fixed")
+SUGGESTION_RULES = ("steepest_valley",)
+
+
+def _fail(section: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{section}.{name} {why}. Received: {section}.{name}={value!r}")
+
+
+def _check(ok: bool, section: str, name: str, value: Any, why: str) -> None:
+    if not ok:
+        _fail(section, name, value, why)
+
+
+def _choice(section: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    _check(value in choices, section, name, value, f"must be one of {', '.join(choices)}")
+
+
+def _positive(section: str, name: str, value: Any) -> None:
+    _check(value > 0, section, name, value, "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How a source becomes a prepared dataset, and how batches are made from it.
+
+    Attributes:
+        image_size: Side of the square images written by ``prepare-data``. ``0`` keeps the
+            source size (all source images must then share one size).
+        channels: 1 (grayscale) or 3 (RGB). Sources are converted explicitly.
+        val_fraction: Share of the training split carved out (seeded, stratified) as validation
+            when the source has none.
+        shard_size: Images per TFRecord shard.
+        limit: Keep at most this many images per split, stratified (0 = all). For smoke runs.
+        batch_size: Global batch size.
+        shuffle_buffer: Shuffle buffer size, in images.
+        cache: Cache decoded images in memory when the split fits (see ``cache_max_mb``).
+        cache_max_mb: Upper bound for the in-memory cache.
+        augment: Random augmentation of training batches.
+        translate: Largest shift, as a fraction of the image side.
+        rotate: Largest rotation, as a fraction of a full turn.
+        zoom: Largest zoom in or out, as a fraction.
+        flip: Random horizontal flips. Off by default: chest X-rays are not mirror-symmetric.
+        class_weight: ``"balanced"`` (n / (k * n_c)), ``"none"``, or one weight per class index,
+            e.g. ``[1.0, 0.33]`` as in the article.
+        seed: Seed for the split, the shuffle and the augmentation.
+    """
+
+    image_size: int = 0
+    channels: int = 1
+    val_fraction: float = 0.1
+    shard_size: int = 2048
+    limit: int = 0
+    batch_size: int = 64
+    shuffle_buffer: int = 8192
+    cache: bool = True
+    cache_max_mb: int = 2048
+    augment: bool = True
+    translate: float = 0.1
+    rotate: float = 0.05
+    zoom: float = 0.1
+    flip: bool = False
+    class_weight: str | tuple[float, ...] = "balanced"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _check(self.image_size >= 0, s, "image_size", self.image_size, "must be >= 0")
+        _check(self.channels in (1, 3), s, "channels", self.channels, "must be 1 or 3")
+        _check(0 < self.val_fraction < 1, s, "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _positive(s, "shard_size", self.shard_size)
+        _check(self.limit >= 0, s, "limit", self.limit, "must be >= 0")
+        _positive(s, "batch_size", self.batch_size)
+        _positive(s, "shuffle_buffer", self.shuffle_buffer)
+        _check(self.cache_max_mb >= 0, s, "cache_max_mb", self.cache_max_mb, "must be >= 0")
+        for name in ("translate", "rotate", "zoom"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, s, name, value, "must be in [0, 1)")
+        weight = self.class_weight
+        if isinstance(weight, str):
+            _check(weight in ("balanced", "none"), s, "class_weight", weight,
+                   "must be 'balanced', 'none' or a list of per-class weights")
+        else:
+            weights = _weights_tuple(weight)
+            _check(len(weights) >= 2 and all(w > 0 for w in weights), s, "class_weight",
+                   weight, "must hold one weight > 0 per class (at least 2)")
+            object.__setattr__(self, "class_weight", weights)
+
+
+def _weights_tuple(value: Any) -> tuple[float, ...]:
+    if isinstance(value, Mapping):
+        try:
+            keys = sorted(int(k) for k in value)
+        except (TypeError, ValueError):
+            _fail("data", "class_weight", value, "keys must be class indices")
+        if keys != list(range(len(keys))):
+            _fail("data", "class_weight", value, "keys must be 0..k-1")
+        lookup = {int(k): v for k, v in value.items()}
+        value = [lookup[k] for k in keys]
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        _fail("data", "class_weight", value, "must be numbers")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The article's VGG-style network (see :func:`cycleprune.models.build_vgg`).
+
+    Attributes:
+        width: Width multiplier on every block's filter count (1.0 = 64..512).
+        input_size: Side the model resizes its input to, inside the model (0 = no resize).
+        batch_norm: BatchNorm after every convolution.
+        dropout: Dropout rate before the classifier (0 = none).
+    """
+
+    width: float = 1.0
+    input_size: int = 0
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("model", "width", self.width)
+        _check(self.input_size >= 0, "model", "input_size", self.input_size, "must be >= 0")
+        _check(0 <= self.dropout < 1, "model", "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRFinderConfig:
+    """The exponential LR range test (see :mod:`cycleprune.lr_finder`).
+
+    Attributes:
+        start_lr, end_lr: Sweep endpoints.
+        num_steps: Number of optimizer steps in the sweep (independent of epochs).
+        beta: Smoothing factor of the bias-corrected moving average of the loss.
+        stop_factor: Stop once the smoothed loss exceeds this many times the best one.
+        rule: Suggestion rule for (min_lr, max_lr).
+    """
+
+    start_lr: float = 1e-5
+    end_lr: float = 10.0
+    num_steps: int = 100
+    beta: float = 0.98
+    stop_factor: float = 4.0
+    rule: str = "steepest_valley"
+
+    def __post_init__(self) -> None:
+        s = "lr_finder"
+        _positive(s, "start_lr", self.start_lr)
+        _check(self.end_lr > self.start_lr, s, "end_lr", self.end_lr, "must be > start_lr")
+        _check(self.num_steps >= 5, s, "num_steps", self.num_steps, "must be >= 5")
+        _check(0 <= self.beta < 1, s, "beta", self.beta, "must be in [0, 1)")
+        _check(self.stop_factor > 1, s, "stop_factor", self.stop_factor, "must be > 1")
+        _choice(s, "rule", self.rule, SUGGESTION_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Cyclical learning rate (Smith 2017) and optional cyclical momentum.
+
+    Attributes:
+        min_lr, max_lr: CLR bounds. ``0`` means "take them from the LR range test".
+        policy: ``triangular``, ``triangular2`` or ``exp_range``.
+        gamma: Per-iteration decay of ``exp_range``.
+        step_size_epochs: Half-cycle length in epochs (the article uses 4).
+        cyclical_momentum: Move the momentum opposite to the LR, between ``min_momentum`` and
+            ``max_momentum``.
+    """
+
+    min_lr: float = 0.0
+    max_lr: float = 0.0
+    policy: str = "triangular"
+    gamma: float = 0.99994
+    step_size_epochs: float = 4.0
+    cyclical_momentum: bool = False
+    min_momentum: float = 0.85
+    max_momentum: float = 0.95
+
+    def __post_init__(self) -> None:
+        s = "schedule"
+        _check(self.min_lr >= 0, s, "min_lr", self.min_lr, "must be >= 0")
+        _check(self.max_lr >= 0, s, "max_lr", self.max_lr, "must be >= 0")
+        if self.min_lr or self.max_lr:
+            _check(0 < self.min_lr < self.max_lr, s, "min_lr", self.min_lr,
+                   f"must be > 0 and < max_lr ({self.max_lr})")
+        _choice(s, "policy", self.policy, POLICIES)
+        _check(0 < self.gamma <= 1, s, "gamma", self.gamma, "must be in (0, 1]")
+        _positive(s, "step_size_epochs", self.step_size_epochs)
+        _check(0 <= self.min_momentum <= self.max_momentum < 1, s, "min_momentum",
+               self.min_momentum, f"must be in [0, max_momentum={self.max_momentum}] and < 1")
+
+    @property
+    def has_bounds(self) -> bool:
+        return self.max_lr > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """CLR training.
+
+    Attributes:
+        epochs: Epochs; rounded up to whole CLR cycles when ``whole_cycles`` is set.
+        whole_cycles: Round ``epochs`` up to a whole number of CLR cycles.
+        optimizer: ``sgd`` (with ``momentum``) or ``adam``.
+        loss: ``focal`` (``focal_gamma``, ``focal_alpha``) or ``crossentropy``.
+        label_smoothing: Label smoothing for either loss.
+        seed: Seed for weight initialisation.
+    """
+
+    epochs: int = 8
+    whole_cycles: bool = True
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    loss: str = "focal"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    label_smoothing: float = 0.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        s = "train"
+        _positive(s, "epochs", self.epochs)
+        _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
+        _check(0 <= self.momentum < 1, s, "momentum", self.momentum, "must be in [0, 1)")
+        _choice(s, "loss", self.loss, LOSSES)
+        _check(self.focal_gamma >= 0, s, "focal_gamma", self.focal_gamma, "must be >= 0")
+        _check(0 < self.focal_alpha <= 1, s, "focal_alpha", self.focal_alpha, "must be in (0, 1]")
+        _check(0 <= self.label_smoothing < 1, s, "label_smoothing", self.label_smoothing,
+               "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning with tfmot, fine-tuned under CLR.
+
+    Attributes:
+        sparsities: Target sparsities the pipeline fans out over.
+        final_sparsity: Target sparsity of a single ``prune`` call.
+        initial_sparsity: Sparsity at ``begin_epoch`` (polynomial schedule).
+        schedule: ``polynomial`` (PolynomialDecay) or ``constant`` (ConstantSparsity).
+        begin_epoch, end_epoch: Sparsity ramp, in fine-tuning epochs.
+        epochs: Fine-tuning epochs (>= ``end_epoch``).
+        frequency: Prune every this many steps.
+        m_by_n: Structured ``"2:4"``-style sparsity instead of unstructured (``""`` = off).
+    """
+
+    sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
+    final_sparsity: float = 0.5
+    initial_sparsity: float = 0.0
+    schedule: str = "polynomial"
+    begin_epoch: int = 0
+    end_epoch: int = 8
+    epochs: int = 10
+    frequency: int = 100
+    m_by_n: str = ""
+
+    def __post_init__(self) -> None:
+        s = "prune"
+        object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
+        _check(len(self.sparsities) > 0, s, "sparsities", self.sparsities, "must not be empty")
+        for value in self.sparsities:
+            _check(0 <= value < 1, s, "sparsities", self.sparsities, "must all be in [0, 1)")
+        _check(0 <= self.final_sparsity < 1, s, "final_sparsity", self.final_sparsity,
+               "must be in [0, 1)")
+        _check(0 <= self.initial_sparsity <= self.final_sparsity, s, "initial_sparsity",
+               self.initial_sparsity, f"must be in [0, final_sparsity={self.final_sparsity}]")
+        _choice(s, "schedule", self.schedule, PRUNING_SCHEDULES)
+        _check(self.begin_epoch >= 0, s, "begin_epoch", self.begin_epoch, "must be >= 0")
+        _check(self.end_epoch > self.begin_epoch, s, "end_epoch", self.end_epoch,
+               f"must be > begin_epoch ({self.begin_epoch})")
+        _check(self.epochs >= self.end_epoch, s, "epochs", self.epochs,
+               f"must be >= end_epoch ({self.end_epoch})")
+        _positive(s, "frequency", self.frequency)
+        if self.m_by_n:
+            parts = self.m_by_n.split(":")
+            ok = len(parts) == 2 and all(p.isdigit() for p in parts)
+            ok = ok and 0 < int(parts[0]) < int(parts[1])
+            _check(ok, s, "m_by_n", self.m_by_n, "must look like '2:4' (m < n)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """Export and compression.
+
+    Attributes:
+        quantizations: TFLite variants to write: ``float32``, ``dynamic`` (dynamic-range int8
+            weights) and ``int8`` (full integer, calibrated on ``representative_samples``
+            training images).
+    """
+
+    quantizations: tuple[str, ...] = QUANTIZATIONS
+    representative_samples: int = 200
+    saved_model: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantizations", tuple(self.quantizations))
+        for q in self.quantizations:
+            _choice("compress", "quantizations", q, QUANTIZATIONS)
+        _positive("compress", "representative_samples", self.representative_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation and the decision threshold.
+
+    Attributes:
+        threshold_rule: How the threshold on P(positive) is chosen on validation:
+            ``youden`` (max sensitivity + specificity - 1), ``f1`` (max F1), ``sensitivity``
+            (highest threshold whose sensitivity >= ``min_sensitivity``) or ``fixed`` (0.5).
+        positive_class: Class index treated as positive (1 = pneumonia).
+        latency_runs: Timed batch-1 calls for the latency figure.
+    """
+
+    threshold_rule: str = "youden"
+    min_sensitivity: float = 0.95
+    positive_class: int = 1
+    latency_runs: int = 50
+
+    def __post_init__(self) -> None:
+        s = "evaluate"
+        _choice(s, "threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        _check(0 < self.min_sensitivity <= 1, s, "min_sensitivity", self.min_sensitivity,
+               "must be in (0, 1]")
+        _check(self.positive_class >= 0, s, "positive_class", self.positive_class, "must be >= 0")
+        _check(self.latency_runs >= 1, s, "latency_runs", self.latency_runs, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """How the deployed model is chosen (see :mod:`cycleprune.selection`).
+
+    The smallest (gzip) candidate whose validation AUC and sensitivity are each within the
+    tolerance of the dense model's wins; the dense model is the fallback.
+    """
+
+    auc_tolerance: float = 0.01
+    sensitivity_tolerance: float = 0.02
+    formats: tuple[str, ...] = ("tflite_int8", "tflite_dynamic", "tflite_float32", "keras")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        for name in ("auc_tolerance", "sensitivity_tolerance"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, "select", name, value, "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run: one section per stage."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lr_finder: LRFinderConfig = dataclasses.field(default_factory=LRFinderConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    compress: CompressConfig = dataclasses.field(default_factory=CompressConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Config:
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+    def override(self, assignments: Sequence[str]) -> Config:
+        """Apply ``section.field=value`` strings; values are parsed as YAML scalars/lists."""
+        data = self.to_dict()
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2 or not all(parts):
+                raise ValueError(f"--set expects section.field=value. Received: {assignment!r}")
+            section, name = parts
+            if section not in data:
+                raise ValueError(f"Unknown config section {section!r} in {assignment!r}. "
+                                 f"Known: {', '.join(sorted(data))}")
+            if name not in data[section]:
+                raise ValueError(f"Unknown config field {key!r} in {assignment!r}. "
+                                 f"Known: {', '.join(sorted(data[section]))}")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                raise ValueError(f"Cannot parse value in {assignment!r}: {err}") from None
+            data[section][name] = value
+        return Config.from_dict(data)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    label = where or "config"
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{label} must be a mapping. Received: {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown key(s) in {label}: {', '.join(map(str, unknown))}. "
+                         f"Known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path)
+        else:
+            kwargs[name] = _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against a field's type (bool/int/float/str/tuple and unions of them)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (
+        hint,)
+    errors = []
+    for option in options:
+        try:
+            return _coerce_one(option, value, path)
+        except ValueError as err:
+            errors.append(str(err))
+    raise ValueError(errors[0] if len(errors) == 1 else
+                     f"{path} has the wrong type. Received: {path}={value!r}")
+
+
+try:
+    from types import UnionType as _UnionType
+except ImportError:  # pragma: no cover
+    _UnionType = typing.Union  # type: ignore[assignment,misc]
+
+
+def _coerce_one(hint: Any, value: Any, path: str) -> Any:
+    def bad(kind: str) -> ValueError:
+        return ValueError(f"{path} must be {kind}. Received: {path}={value!r}")
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("finite")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if typing.get_origin(hint) is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, Mapping) and item is float:
+            return value  # per-class weights as {index: weight}; DataConfig normalises them
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise bad("a list")
+        return tuple(_coerce_one(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    raise bad(str(hint))  # pragma: no cover
+
+
+def _smoke() -> Config:
+    return Config(
+        data=DataConfig(limit=192, batch_size=32, shuffle_buffer=256, shard_size=128),
+        model=ModelConfig(width=0.125, batch_norm=True),
+        lr_finder=LRFinderConfig(start_lr=1e-4, end_lr=10.0, num_steps=20),
+        schedule=ScheduleConfig(step_size_epochs=1.0),
+        train=TrainConfig(epochs=2),
+        prune=PruneConfig(sparsities=(0.5, 0.75), final_sparsity=0.5, begin_epoch=0,
+                          end_epoch=1, epochs=1, frequency=2),
+        compress=CompressConfig(representative_samples=16),
+        evaluate=EvaluateConfig(latency_runs=5),
+    )
+
+
+def _small() -> Config:
+    return Config(
+        data=DataConfig(batch_size=64),
+        model=ModelConfig(width=0.25, batch_norm=True),
+        lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=80),
+        schedule=ScheduleConfig(step_size_epochs=2.0),
+        train=TrainConfig(epochs=8),
+        prune=PruneConfig(sparsities=(0.5, 0.75, 0.9), begin_epoch=0, end_epoch=3, epochs=4,
+                          frequency=20),
+        evaluate=EvaluateConfig(latency_runs=50),
+    )
+
+
+def _seed() -> Config:
+    """The article: full-width VGG, batch 32, CLR 1e-3..1e-1, step 4 epochs, 32 epochs."""
+    return Config(
+        data=DataConfig(batch_size=32, class_weight=(1.0, 0.33), augment=True),
+        model=ModelConfig(width=1.0, batch_norm=False, dropout=0.0),
+        schedule=ScheduleConfig(min_lr=1e-3, max_lr=1e-1, policy="triangular",
+                                step_size_epochs=4.0),
+        train=TrainConfig(epochs=32, optimizer="sgd", momentum=0.9, loss="focal"),
+        prune=PruneConfig(sparsities=(0.5,), final_sparsity=0.5, initial_sparsity=0.0,
+                          begin_epoch=0, end_epoch=8, epochs=8, frequency=100),
+    )
+
+
+PRESETS = {"smoke": _smoke, "small": _small, "seed": _seed}
+
+
+def preset(name: str) -> Config:
+    """Return the named preset (``smoke``, ``small``, ``seed``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"Unknown preset {name!r}. Known: {', '.join(PRESETS)}") from None
+
+
+def load_config(preset_name: str = "small", path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Build a config: a preset, then a JSON/YAML file merged over it, then ``--set`` overrides.
+
+    Raises:
+        ValueError: unknown preset, key or section, a wrong type, or an invalid value.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    config = preset(preset_name)
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        try:
+            loaded = yaml.safe_load(text) if path.suffix in (".yaml", ".yml", "") else json.loads(
+                text)
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise ValueError(f"Cannot parse config file {path}: {err}") from None
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"Config file {path} must hold a mapping of sections.")
+        merged = config.to_dict()
+        for section, values in loaded.items():
+            if section not in merged:
+                raise ValueError(f"Unknown config section {section!r} in {path}. "
+                                 f"Known: {', '.join(sorted(merged))}")
+            if not isinstance(values, Mapping):
+                raise ValueError(f"Section {section!r} in {path} must be a mapping.")
+            merged[section].update(values)
+        try:
+            config = Config.from_dict(merged)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return config.override(overrides)
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Convert a duration in epochs to optimizer steps (rounded, at least 1)."""
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0. Received: steps_per_epoch={steps_per_epoch}")
+    return max(1, int(round(epochs * steps_per_epoch)))

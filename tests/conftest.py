@@ -1,0 +1,56 @@
+"""Shared fixtures: small real slices of the bundled PneumoniaMNIST, and fast TF settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_NPZ = ROOT / "data" / "pneumoniamnist.npz"
+
+
+@pytest.fixture(scope="session")
+def bundled_npz() -> Path:
+    return BUNDLED_NPZ
+
+
+def _stratified_take(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    flat = labels.reshape(-1)
+    picks = []
+    for cls in np.unique(flat):
+        idx = np.flatnonzero(flat == cls)
+        share = max(2, int(round(n * len(idx) / len(flat))))
+        picks.append(rng.choice(idx, size=min(share, len(idx)), replace=False))
+    order = rng.permutation(np.concatenate(picks))
+    return images[order], labels[order]
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    """A stratified slice of the real data: 240 train, 80 val, 80 test images."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny.npz"
+    with np.load(BUNDLED_NPZ) as src:
+        arrays = {}
+        for split, n in (("train", 240), ("val", 80), ("test", 80)):
+            x, y = _stratified_take(src[f"{split}_images"], src[f"{split}_labels"], n, seed=0)
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    np.savez(out, **arrays)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_npz, tmp_path_factory) -> Path:
+    """``tiny_npz`` prepared by the data stage (TFRecords + dataset.json)."""
+    from cycleprune import data
+    from cycleprune.config import DataConfig
+
+    out = tmp_path_factory.mktemp("prepared") / "dataset"
+    data.prepare_dataset(str(tiny_npz), str(out), DataConfig())
+    return out
