@@ -76,6 +76,9 @@ class DataConfig:
         class_weight: ``"balanced"`` (n / (k * n_c)), ``"none"``, or one weight per class index,
             e.g. ``[1.0, 0.33]`` as in the article.
         seed: Seed for the split, the shuffle and the augmentation.
+        class_names: Names of the class indices of a ``.npz`` source (which stores integer labels
+            only), e.g. ``["normal", "pneumonia"]``. Empty: the file's ``class_names`` array if it
+            has one, else ``class_0``, ``class_1``, ... Folder sources name classes by folder.
     """
 
     image_size: int = 0
@@ -94,9 +97,31 @@ class DataConfig:
     flip: bool = False
     class_weight: str | tuple[float, ...] = "balanced"
     seed: int = 42
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         s = "data"
+        _check(
+            not isinstance(self.class_names, str),
+            s,
+            "class_names",
+            self.class_names,
+            "must be a list of names",
+        )
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        names = self.class_names
+        _check(
+            not names
+            or (
+                len(names) >= 2
+                and len(set(names)) == len(names)
+                and all(isinstance(n, str) and n.strip() for n in names)
+            ),
+            s,
+            "class_names",
+            names,
+            "must be empty or hold at least 2 distinct non-empty names",
+        )
         _check(self.image_size >= 0, s, "image_size", self.image_size, "must be >= 0")
         _check(self.channels in (1, 3), s, "channels", self.channels, "must be 1 or 3")
         _check(0 < self.val_fraction < 1, s, "val_fraction", self.val_fraction, "must be in (0, 1)")
@@ -110,12 +135,22 @@ class DataConfig:
             _check(0 <= value < 1, s, name, value, "must be in [0, 1)")
         weight = self.class_weight
         if isinstance(weight, str):
-            _check(weight in ("balanced", "none"), s, "class_weight", weight,
-                   "must be 'balanced', 'none' or a list of per-class weights")
+            _check(
+                weight in ("balanced", "none"),
+                s,
+                "class_weight",
+                weight,
+                "must be 'balanced', 'none' or a list of per-class weights",
+            )
         else:
             weights = _weights_tuple(weight)
-            _check(len(weights) >= 2 and all(w > 0 for w in weights), s, "class_weight",
-                   weight, "must hold one weight > 0 per class (at least 2)")
+            _check(
+                len(weights) >= 2 and all(w > 0 for w in weights),
+                s,
+                "class_weight",
+                weight,
+                "must hold one weight > 0 per class (at least 2)",
+            )
             object.__setattr__(self, "class_weight", weights)
 
 
@@ -214,13 +249,23 @@ class ScheduleConfig:
         _check(self.min_lr >= 0, s, "min_lr", self.min_lr, "must be >= 0")
         _check(self.max_lr >= 0, s, "max_lr", self.max_lr, "must be >= 0")
         if self.min_lr or self.max_lr:
-            _check(0 < self.min_lr < self.max_lr, s, "min_lr", self.min_lr,
-                   f"must be > 0 and < max_lr ({self.max_lr})")
+            _check(
+                0 < self.min_lr < self.max_lr,
+                s,
+                "min_lr",
+                self.min_lr,
+                f"must be > 0 and < max_lr ({self.max_lr})",
+            )
         _choice(s, "policy", self.policy, POLICIES)
         _check(0 < self.gamma <= 1, s, "gamma", self.gamma, "must be in (0, 1]")
         _positive(s, "step_size_epochs", self.step_size_epochs)
-        _check(0 <= self.min_momentum <= self.max_momentum < 1, s, "min_momentum",
-               self.min_momentum, f"must be in [0, max_momentum={self.max_momentum}] and < 1")
+        _check(
+            0 <= self.min_momentum <= self.max_momentum < 1,
+            s,
+            "min_momentum",
+            self.min_momentum,
+            f"must be in [0, max_momentum={self.max_momentum}] and < 1",
+        )
 
     @property
     def has_bounds(self) -> bool:
@@ -258,8 +303,13 @@ class TrainConfig:
         _choice(s, "loss", self.loss, LOSSES)
         _check(self.focal_gamma >= 0, s, "focal_gamma", self.focal_gamma, "must be >= 0")
         _check(0 < self.focal_alpha <= 1, s, "focal_alpha", self.focal_alpha, "must be in (0, 1]")
-        _check(0 <= self.label_smoothing < 1, s, "label_smoothing", self.label_smoothing,
-               "must be in [0, 1)")
+        _check(
+            0 <= self.label_smoothing < 1,
+            s,
+            "label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,16 +343,36 @@ class PruneConfig:
         _check(len(self.sparsities) > 0, s, "sparsities", self.sparsities, "must not be empty")
         for value in self.sparsities:
             _check(0 <= value < 1, s, "sparsities", self.sparsities, "must all be in [0, 1)")
-        _check(0 <= self.final_sparsity < 1, s, "final_sparsity", self.final_sparsity,
-               "must be in [0, 1)")
-        _check(0 <= self.initial_sparsity <= self.final_sparsity, s, "initial_sparsity",
-               self.initial_sparsity, f"must be in [0, final_sparsity={self.final_sparsity}]")
+        _check(
+            0 <= self.final_sparsity < 1,
+            s,
+            "final_sparsity",
+            self.final_sparsity,
+            "must be in [0, 1)",
+        )
+        _check(
+            0 <= self.initial_sparsity <= self.final_sparsity,
+            s,
+            "initial_sparsity",
+            self.initial_sparsity,
+            f"must be in [0, final_sparsity={self.final_sparsity}]",
+        )
         _choice(s, "schedule", self.schedule, PRUNING_SCHEDULES)
         _check(self.begin_epoch >= 0, s, "begin_epoch", self.begin_epoch, "must be >= 0")
-        _check(self.end_epoch > self.begin_epoch, s, "end_epoch", self.end_epoch,
-               f"must be > begin_epoch ({self.begin_epoch})")
-        _check(self.epochs >= self.end_epoch, s, "epochs", self.epochs,
-               f"must be >= end_epoch ({self.end_epoch})")
+        _check(
+            self.end_epoch > self.begin_epoch,
+            s,
+            "end_epoch",
+            self.end_epoch,
+            f"must be > begin_epoch ({self.begin_epoch})",
+        )
+        _check(
+            self.epochs >= self.end_epoch,
+            s,
+            "epochs",
+            self.epochs,
+            f"must be >= end_epoch ({self.end_epoch})",
+        )
         _positive(s, "frequency", self.frequency)
         if self.m_by_n:
             parts = self.m_by_n.split(":")
@@ -352,8 +422,13 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         s = "evaluate"
         _choice(s, "threshold_rule", self.threshold_rule, THRESHOLD_RULES)
-        _check(0 < self.min_sensitivity <= 1, s, "min_sensitivity", self.min_sensitivity,
-               "must be in (0, 1]")
+        _check(
+            0 < self.min_sensitivity <= 1,
+            s,
+            "min_sensitivity",
+            self.min_sensitivity,
+            "must be in (0, 1]",
+        )
         _check(self.positive_class >= 0, s, "positive_class", self.positive_class, "must be >= 0")
         _check(self.latency_runs >= 1, s, "latency_runs", self.latency_runs, "must be >= 1")
 
@@ -425,15 +500,22 @@ class Config:
                 raise ValueError(f"--set expects section.field=value. Received: {assignment!r}")
             section, name = parts
             if section not in data:
-                raise ValueError(f"Unknown config section {section!r} in {assignment!r}. "
-                                 f"Known: {', '.join(sorted(data))}")
+                raise ValueError(
+                    f"Unknown config section {section!r} in {assignment!r}. "
+                    f"Known: {', '.join(sorted(data))}"
+                )
             if name not in data[section]:
-                raise ValueError(f"Unknown config field {key!r} in {assignment!r}. "
-                                 f"Known: {', '.join(sorted(data[section]))}")
+                raise ValueError(
+                    f"Unknown config field {key!r} in {assignment!r}. "
+                    f"Known: {', '.join(sorted(data[section]))}"
+                )
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as err:
                 raise ValueError(f"Cannot parse value in {assignment!r}: {err}") from None
+            if isinstance(data[section][name], str) and not isinstance(value, (str, list, dict)):
+                # A string field keeps the text as typed: YAML 1.1 would read "2:4" as 124.
+                value = raw.strip()
             data[section][name] = value
         return Config.from_dict(data)
 
@@ -454,8 +536,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"Unknown key(s) in {label}: {', '.join(map(str, unknown))}. "
-                         f"Known: {', '.join(fields)}")
+        raise ValueError(
+            f"Unknown key(s) in {label}: {', '.join(map(str, unknown))}. Known: {', '.join(fields)}"
+        )
     kwargs = {}
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
@@ -469,16 +552,18 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     """Check ``value`` against a field's type (bool/int/float/str/tuple and unions of them)."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (
-        hint,)
+    options = (
+        typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    )
     errors = []
     for option in options:
         try:
             return _coerce_one(option, value, path)
         except ValueError as err:
             errors.append(str(err))
-    raise ValueError(errors[0] if len(errors) == 1 else
-                     f"{path} has the wrong type. Received: {path}={value!r}")
+    raise ValueError(
+        errors[0] if len(errors) == 1 else f"{path} has the wrong type. Received: {path}={value!r}"
+    )
 
 
 try:
@@ -528,8 +613,14 @@ def _smoke() -> Config:
         lr_finder=LRFinderConfig(start_lr=1e-4, end_lr=10.0, num_steps=20),
         schedule=ScheduleConfig(step_size_epochs=1.0),
         train=TrainConfig(epochs=2),
-        prune=PruneConfig(sparsities=(0.5, 0.75), final_sparsity=0.5, begin_epoch=0,
-                          end_epoch=1, epochs=1, frequency=2),
+        prune=PruneConfig(
+            sparsities=(0.5, 0.75),
+            final_sparsity=0.5,
+            begin_epoch=0,
+            end_epoch=1,
+            epochs=1,
+            frequency=2,
+        ),
         compress=CompressConfig(representative_samples=16),
         evaluate=EvaluateConfig(latency_runs=5),
     )
@@ -542,8 +633,9 @@ def _small() -> Config:
         lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=80),
         schedule=ScheduleConfig(step_size_epochs=2.0),
         train=TrainConfig(epochs=8),
-        prune=PruneConfig(sparsities=(0.5, 0.75, 0.9), begin_epoch=0, end_epoch=3, epochs=4,
-                          frequency=20),
+        prune=PruneConfig(
+            sparsities=(0.5, 0.75, 0.9), begin_epoch=0, end_epoch=3, epochs=4, frequency=20
+        ),
         evaluate=EvaluateConfig(latency_runs=50),
     )
 
@@ -553,11 +645,19 @@ def _seed() -> Config:
     return Config(
         data=DataConfig(batch_size=32, class_weight=(1.0, 0.33), augment=True),
         model=ModelConfig(width=1.0, batch_norm=False, dropout=0.0),
-        schedule=ScheduleConfig(min_lr=1e-3, max_lr=1e-1, policy="triangular",
-                                step_size_epochs=4.0),
+        schedule=ScheduleConfig(
+            min_lr=1e-3, max_lr=1e-1, policy="triangular", step_size_epochs=4.0
+        ),
         train=TrainConfig(epochs=32, optimizer="sgd", momentum=0.9, loss="focal"),
-        prune=PruneConfig(sparsities=(0.5,), final_sparsity=0.5, initial_sparsity=0.0,
-                          begin_epoch=0, end_epoch=8, epochs=8, frequency=100),
+        prune=PruneConfig(
+            sparsities=(0.5,),
+            final_sparsity=0.5,
+            initial_sparsity=0.0,
+            begin_epoch=0,
+            end_epoch=8,
+            epochs=8,
+            frequency=100,
+        ),
     )
 
 
@@ -572,8 +672,9 @@ def preset(name: str) -> Config:
         raise ValueError(f"Unknown preset {name!r}. Known: {', '.join(PRESETS)}") from None
 
 
-def load_config(preset_name: str = "small", path: str | Path | None = None,
-                overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    preset_name: str = "small", path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Config:
     """Build a config: a preset, then a JSON/YAML file merged over it, then ``--set`` overrides.
 
     Raises:
@@ -585,8 +686,9 @@ def load_config(preset_name: str = "small", path: str | Path | None = None,
         path = Path(path)
         text = path.read_text()
         try:
-            loaded = yaml.safe_load(text) if path.suffix in (".yaml", ".yml", "") else json.loads(
-                text)
+            loaded = (
+                yaml.safe_load(text) if path.suffix in (".yaml", ".yml", "") else json.loads(text)
+            )
         except (yaml.YAMLError, json.JSONDecodeError) as err:
             raise ValueError(f"Cannot parse config file {path}: {err}") from None
         if not isinstance(loaded, Mapping):
@@ -594,8 +696,10 @@ def load_config(preset_name: str = "small", path: str | Path | None = None,
         merged = config.to_dict()
         for section, values in loaded.items():
             if section not in merged:
-                raise ValueError(f"Unknown config section {section!r} in {path}. "
-                                 f"Known: {', '.join(sorted(merged))}")
+                raise ValueError(
+                    f"Unknown config section {section!r} in {path}. "
+                    f"Known: {', '.join(sorted(merged))}"
+                )
             if not isinstance(values, Mapping):
                 raise ValueError(f"Section {section!r} in {path} must be a mapping.")
             merged[section].update(values)
@@ -609,5 +713,7 @@ def load_config(preset_name: str = "small", path: str | Path | None = None,
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Convert a duration in epochs to optimizer steps (rounded, at least 1)."""
     if steps_per_epoch <= 0:
-        raise ValueError(f"steps_per_epoch must be > 0. Received: steps_per_epoch={steps_per_epoch}")
-    return max(1, int(round(epochs * steps_per_epoch)))
+        raise ValueError(
+            f"steps_per_epoch must be > 0. Received: steps_per_epoch={steps_per_epoch}"
+        )
+    return max(1, round(epochs * steps_per_epoch))

@@ -26,7 +26,7 @@ def _stratified_take(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
     picks = []
     for cls in np.unique(flat):
         idx = np.flatnonzero(flat == cls)
-        share = max(2, int(round(n * len(idx) / len(flat))))
+        share = max(2, round(n * len(idx) / len(flat)))
         picks.append(rng.choice(idx, size=min(share, len(idx)), replace=False))
     order = rng.permutation(np.concatenate(picks))
     return images[order], labels[order]

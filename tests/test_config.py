@@ -1,0 +1,116 @@
+"""Config: presets, round trips, overrides, and validation messages that name field and value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cycleprune import config as C
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_presets_round_trip_json_and_yaml(name):
+    cfg = C.preset(name)
+    assert C.Config.from_json(cfg.to_json()) == cfg
+    assert C.Config.from_yaml(cfg.to_yaml()) == cfg
+    assert C.Config.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_seed_preset_is_the_article():
+    cfg = C.preset("seed")
+    assert cfg.model.width == 1.0 and not cfg.model.batch_norm
+    assert cfg.data.batch_size == 32
+    assert (cfg.schedule.min_lr, cfg.schedule.max_lr) == (1e-3, 1e-1)
+    assert cfg.schedule.step_size_epochs == 4.0
+    assert cfg.train.epochs == 32 and cfg.train.loss == "focal"
+    assert cfg.data.class_weight == (1.0, 0.33)
+    p = cfg.prune
+    assert (p.initial_sparsity, p.final_sparsity, p.end_epoch - p.begin_epoch, p.frequency) == (
+        0.0,
+        0.5,
+        8,
+        100,
+    )
+
+
+def test_overrides_parse_yaml_values():
+    cfg = C.load_config(
+        "small",
+        overrides=[
+            "train.epochs=3",
+            "data.class_weight=[1.0, 0.33]",
+            "prune.sparsities=[0.5]",
+            "data.augment=false",
+        ],
+    )
+    assert cfg.train.epochs == 3
+    assert cfg.data.class_weight == (1.0, 0.33)
+    assert cfg.prune.sparsities == (0.5,)
+    assert cfg.data.augment is False
+
+
+def test_class_weight_mapping_from_yaml_and_json():
+    yaml_cfg = C.Config.from_yaml("data:\n  class_weight: {0: 1.0, 1: 0.33}\n")
+    json_cfg = C.Config.from_json('{"data": {"class_weight": {"0": 1.0, "1": 0.33}}}')
+    assert yaml_cfg.data.class_weight == json_cfg.data.class_weight == (1.0, 0.33)
+
+
+def test_config_file_merges_over_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\nschedule:\n  min_lr: 0.001\n  max_lr: 0.1\n")
+    cfg = C.load_config("smoke", path, ["train.epochs=6"])
+    assert cfg.train.epochs == 6
+    assert cfg.schedule.max_lr == 0.1
+    assert cfg.model == C.preset("smoke").model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["schedule.min_lr=0.2", "schedule.max_lr=0.1"],
+            r"schedule\.min_lr must be > 0 and < max_lr \(0\.1\)\. Received: schedule\.min_lr=0\.2",
+        ),
+        (
+            ["prune.final_sparsity=1.0"],
+            r"prune\.final_sparsity .*Received: prune\.final_sparsity=1",
+        ),
+        (["prune.begin_epoch=4", "prune.end_epoch=4"], r"prune\.end_epoch must be > begin_epoch"),
+        (["prune.sparsities=[0.5, 1.5]"], r"prune\.sparsities must all be in \[0, 1\)"),
+        (["train.epochs=0"], r"train\.epochs must be > 0\. Received: train\.epochs=0"),
+        (["train.epochs=abc"], r"train\.epochs must be an integer\. Received: train\.epochs='abc'"),
+        (["train.loss=mse"], r"train\.loss must be one of focal, crossentropy"),
+        (["data.channels=2"], r"data\.channels must be 1 or 3"),
+        (["data.class_weight=[1.0, -1]"], r"data\.class_weight must hold one weight > 0"),
+        (["data.augment=3"], r"data\.augment must be true or false"),
+        (["prune.m_by_n=4:2"], r"prune\.m_by_n must look like '2:4'"),
+        (["nope.x=1"], r"Unknown config section 'nope'"),
+        (["train.nope=1"], r"Unknown config field 'train\.nope'"),
+        (["train.epochs"], r"--set expects section\.field=value"),
+    ],
+)
+def test_invalid_values_name_field_and_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("small", overrides=overrides)
+
+
+def test_unknown_keys_in_file_are_rejected(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"train": {"epochz": 3}}')
+    with pytest.raises(ValueError, match=r"c\.json.*Unknown key\(s\) in train: epochz"):
+        C.load_config("small", path)
+
+
+def test_configs_are_frozen():
+    cfg = C.preset("small")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_epochs_to_steps():
+    assert C.epochs_to_steps(4, 74) == 296
+    assert C.epochs_to_steps(0.5, 3) == 2
+    with pytest.raises(ValueError, match="steps_per_epoch must be > 0"):
+        C.epochs_to_steps(1, 0)
