@@ -44,8 +44,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as pretty, key-sorted JSON, atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-                             + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,0 +1,5 @@
+import sys
+
+from cycleprune.cli import main
+
+sys.exit(main())
