@@ -173,7 +173,7 @@ def _weights_tuple(value: Any) -> tuple[float, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The article's VGG-style network (see :func:`cycleprune.models.build_vgg`).
+    """The article's VGG-style network (see :func:`cycleprune.models.build_model`).
 
     Attributes:
         width: Width multiplier on every block's filter count (1.0 = 64..512).
@@ -587,6 +587,12 @@ def _coerce_one(hint: Any, value: Any, path: str) -> Any:
             raise bad("an integer")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         if not math.isfinite(value):

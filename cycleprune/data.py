@@ -326,6 +326,10 @@ def make_dataset(
         return images, onehot, tf.gather(weights, labels)
 
     ds = ds.map(finish, num_parallel_calls=auto, deterministic=True)
+    # A known length: Keras `fit` otherwise counts one extra optimizer step per epoch on a
+    # dataset of unknown cardinality, which would shift every step-based schedule.
+    batches = -(-info.num_examples(split) // config.batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(auto)
 
 

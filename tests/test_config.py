@@ -49,6 +49,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.data.class_weight == (1.0, 0.33)
     assert cfg.prune.sparsities == (0.5,)
     assert cfg.data.augment is False
+    assert C.load_config("small", overrides=["lr_finder.start_lr=1e-5"]).lr_finder.start_lr == 1e-5
 
 
 def test_class_weight_mapping_from_yaml_and_json():

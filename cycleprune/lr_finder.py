@@ -1,0 +1,453 @@
+"""The LR range test (Smith 2017, section 3.3): a recorder plus a pure suggestion rule.
+
+:func:`find_lr` trains a model for ``num_steps`` optimizer steps while the learning rate grows
+exponentially from ``start_lr`` to ``end_lr`` (an in-graph :class:`ExponentialSweep` schedule),
+records the loss of every step, stops once the loss diverges, and restores the model's weights
+bit for bit. :func:`smooth_losses` and :func:`suggest_bounds` are pure functions of the record;
+:func:`run_lr_finder` is the pipeline stage around them.
+
+Reference: L. N. Smith, "Cyclical Learning Rates for Training Neural Networks", WACV 2017,
+https://arxiv.org/abs/1506.01186 ("LR range test"); the exponential sweep, the bias-corrected
+smoothing and the divergence stop follow fastai's ``LRFinder`` (S. Gugger, "How Do You Find A
+Good Learning Rate", 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cycleprune.compat import keras, tf
+from cycleprune.config import Config, LRFinderConfig
+
+# The divergence test starts after at least this many steps (see find_lr).
+MIN_STEPS_BEFORE_STOP = 3
+# suggest_bounds: the least relative fall of the smoothed loss that counts as a descent, and the
+# fewest points needed from the plateau down to the floor.
+MIN_RELATIVE_DROP = 0.05
+MIN_POINTS = 5
+# steepest_valley: the valley starts where the curve is 20% of its depth below the plateau;
+# max_lr sits a decade below the floor; the range spans at least a factor 4.
+VALLEY_START = 0.20
+MAX_LR_MARGIN = 10.0
+MIN_RANGE_RATIO = 4.0
+
+
+class LRFinderError(ValueError):
+    """The LR range test produced no usable curve (no descent, too few points, no data).
+
+    When raised by :func:`find_lr` after a sweep, ``record`` holds the ``lrs``, ``losses`` and
+    ``smoothed`` arrays that were recorded; otherwise it is ``None``.
+    """
+
+    record: dict[str, np.ndarray] | None = None
+
+
+@dataclasses.dataclass
+class LRFinderResult:
+    """The record of an LR range test and the suggested CLR bounds.
+
+    Attributes:
+        lrs: Learning rate of each recorded step.
+        losses: Raw training loss of each recorded step (all finite).
+        smoothed: :func:`smooth_losses` of ``losses``.
+        min_lr, max_lr: Suggested CLR bounds (:func:`suggest_bounds`).
+        stopped_early: The sweep stopped before ``num_steps`` (divergence or a non-finite loss).
+        steps: Number of recorded steps (``len(lrs)``).
+        rule: Name of the suggestion rule.
+    """
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    min_lr: float
+    max_lr: float
+    stopped_early: bool
+    steps: int
+    rule: str = "steepest_valley"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (arrays as lists of floats)."""
+        return {
+            "lrs": [float(v) for v in self.lrs],
+            "losses": [float(v) for v in self.losses],
+            "smoothed": [float(v) for v in self.smoothed],
+            "min_lr": float(self.min_lr),
+            "max_lr": float(self.max_lr),
+            "stopped_early": bool(self.stopped_early),
+            "steps": int(self.steps),
+            "rule": self.rule,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LRFinderResult:
+        return cls(
+            lrs=np.asarray(data["lrs"], np.float64),
+            losses=np.asarray(data["losses"], np.float64),
+            smoothed=np.asarray(data["smoothed"], np.float64),
+            min_lr=float(data["min_lr"]),
+            max_lr=float(data["max_lr"]),
+            stopped_early=bool(data["stopped_early"]),
+            steps=int(data["steps"]),
+            rule=str(data.get("rule", "steepest_valley")),
+        )
+
+
+def sweep_lrs(start_lr: float, end_lr: float, num_steps: int) -> np.ndarray:
+    """The exponential sweep ``lr_i = start_lr * (end_lr / start_lr)**(i / (num_steps - 1))``.
+
+    Raises:
+        ValueError: ``start_lr`` <= 0, ``end_lr`` <= ``start_lr`` or ``num_steps`` < 2.
+    """
+    _check_sweep(start_lr, end_lr, num_steps)
+    i = np.arange(num_steps, dtype=np.float64)
+    return start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))
+
+
+def _check_sweep(start_lr: float, end_lr: float, num_steps: int) -> None:
+    if not start_lr > 0:
+        raise ValueError(f"Argument `start_lr` must be > 0. Received: start_lr={start_lr}")
+    if not end_lr > start_lr:
+        raise ValueError(
+            f"Argument `end_lr` must be > start_lr. Received: start_lr={start_lr}, end_lr={end_lr}"
+        )
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f"Argument `num_steps` must be an int >= 2. Received: {num_steps=}")
+
+
+@keras.utils.register_keras_serializable(package="cycleprune")
+class ExponentialSweep(keras.optimizers.schedules.LearningRateSchedule):
+    """The LR range test's schedule, in the graph: ``start * (end / start)**(step / (n - 1))``.
+
+    Args:
+        start_lr: Learning rate at step 0, > 0.
+        end_lr: Learning rate at step ``num_steps - 1``, > ``start_lr``.
+        num_steps: Steps of the sweep, >= 2.
+
+    Raises:
+        ValueError: an invalid argument.
+    """
+
+    def __init__(self, start_lr: float, end_lr: float, num_steps: int, name: str = "Sweep"):
+        super().__init__()
+        _check_sweep(start_lr, end_lr, num_steps)
+        self.start_lr = float(start_lr)
+        self.end_lr = float(end_lr)
+        self.num_steps = int(num_steps)
+        self.name = name
+
+    def __call__(self, step):
+        with tf.name_scope(self.name):
+            fraction = tf.cast(step, tf.float64) / (self.num_steps - 1)
+            lr = self.start_lr * tf.exp(math.log(self.end_lr / self.start_lr) * fraction)
+            return tf.cast(lr, tf.float32)
+
+    def get_config(self) -> dict:
+        return {
+            "start_lr": self.start_lr,
+            "end_lr": self.end_lr,
+            "num_steps": self.num_steps,
+            "name": self.name,
+        }
+
+
+def smooth_losses(losses, beta: float = 0.98) -> np.ndarray:
+    """Bias-corrected exponential moving average of a loss record.
+
+    ``avg_i = beta * avg_{i-1} + (1 - beta) * loss_i`` with ``avg_{-1} = 0``, and
+    ``smoothed_i = avg_i / (1 - beta**(i + 1))`` (the Adam-style bias correction, so that the
+    first values are not pulled towards 0).
+
+    Args:
+        losses: 1-D sequence of losses.
+        beta: Smoothing factor in [0, 1); 0 returns the losses unchanged.
+
+    Returns:
+        float64 array of the same length.
+
+    Raises:
+        ValueError: ``beta`` out of range, or ``losses`` not 1-D.
+    """
+    if not 0 <= beta < 1:
+        raise ValueError(f"Argument `beta` must be in [0, 1). Received: beta={beta}")
+    values = np.asarray(losses, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"Argument `losses` must be 1-D. Received: shape={values.shape}")
+    out = np.empty_like(values)
+    avg = 0.0
+    for i, value in enumerate(values):
+        avg = beta * avg + (1.0 - beta) * value
+        out[i] = avg / (1.0 - beta ** (i + 1))
+    return out
+
+
+def suggest_bounds(lrs, smoothed, *, skip_start: int | None = None) -> tuple[float, float]:
+    """Suggest CLR bounds from an LR range test: the ``steepest_valley`` rule.
+
+    Smith (2017, section 3.3) sets the lower bound where the loss starts to fall and the upper
+    bound where it stops falling. On a smoothed curve (an EMA, which lags the raw loss) this rule
+    reads those points as follows:
+
+    1. Skip the first ``skip_start`` points: a bias-corrected moving average there is the mean
+       of only a few losses, as noisy as single batches.
+    2. The *floor* ``i_min`` is the lowest smoothed loss. An EMA keeps falling while the raw
+       loss stays low and turns up only once the raw loss rises, so the floor marks the onset of
+       divergence; everything after it is cut off.
+    3. ``max_lr = lr[i_min] / 10``: one decade below the divergence onset, the margin of fastai's
+       ``minimum`` suggestion, for the loss is already unstable near the floor.
+    4. The *valley* is the final descent into the floor: from the highest point ``i_top`` before
+       the floor, of depth ``D = s[i_top] - s[i_min]``. It starts where the curve last stands
+       at ``s[i_top] - 0.2 D`` before the floor: a fifth of the way down, beyond the noise of
+       the plateau (and searching backwards from the floor, so that a dip on the plateau does
+       not start it early). ``min_lr`` is the LR there, interpolated in log(LR): where the loss
+       has clearly started to fall steeply.
+    5. A usable CLR range spans at least a factor 4 (Smith 2017: a base LR of 1/3-1/4 of the
+       maximum works), so ``min_lr = min(min_lr, max_lr / 4)``; hence ``min_lr < max_lr``.
+
+    On the bundled PneumoniaMNIST with the ``small`` preset (width 0.25, BatchNorm, batch 64,
+    focal loss, 80 steps from 1e-5 to 10) it suggests about 1.1e-3..0.21, against the article's
+    hand-picked 1e-3..1e-1.
+
+    Args:
+        lrs: Increasing learning rates of the sweep (> 0).
+        smoothed: Smoothed loss at each LR (see :func:`smooth_losses`), same length.
+        skip_start: Points to ignore at the start; default ``min(10, len(lrs) // 10)``
+            (fastai v1 skips 10 points of its 100-step sweep).
+
+    Returns:
+        ``(min_lr, max_lr)`` with ``min_lr < max_lr``.
+
+    Raises:
+        ValueError: mismatched, non-1-D, non-finite or non-increasing inputs, a bad
+            ``skip_start``.
+        LRFinderError: no usable descent: the smoothed loss falls by less than 5% of its
+            plateau level, or over fewer than 5 points.
+    """
+    lrs = np.asarray(lrs, dtype=np.float64)
+    smoothed = np.asarray(smoothed, dtype=np.float64)
+    if lrs.ndim != 1 or smoothed.shape != lrs.shape:
+        raise ValueError(
+            "Arguments `lrs` and `smoothed` must be 1-D and of the same length. Received: "
+            f"shapes {lrs.shape} and {smoothed.shape}"
+        )
+    if not (np.all(np.isfinite(lrs)) and np.all(np.isfinite(smoothed))):
+        raise ValueError("Arguments `lrs` and `smoothed` must be finite.")
+    if lrs.size and (lrs[0] <= 0 or np.any(np.diff(lrs) <= 0)):
+        raise ValueError("Argument `lrs` must be positive and strictly increasing.")
+    if skip_start is None:
+        skip_start = default_skip_start(lrs.size)
+    if isinstance(skip_start, bool) or int(skip_start) != skip_start or skip_start < 0:
+        raise ValueError(f"Argument `skip_start` must be an int >= 0. Received: {skip_start=}")
+    skip = int(skip_start)
+    if lrs.size - skip < MIN_POINTS:
+        raise LRFinderError(
+            f"no usable descent: {lrs.size} recorded steps ({skip} skipped at the start) leave "
+            f"fewer than {MIN_POINTS} points. Raise lr_finder.num_steps or lower "
+            "lr_finder.start_lr."
+        )
+    lrs, curve = lrs[skip:], smoothed[skip:]
+    i_min = int(np.argmin(curve))
+    i_top = int(np.argmax(curve[: i_min + 1]))
+    top, floor = curve[i_top], curve[i_min]
+    depth = top - floor
+    where = f"lr {lrs[i_top]:.3g} -> {lrs[i_min]:.3g}"
+    if depth < MIN_RELATIVE_DROP * abs(top):
+        raise LRFinderError(
+            f"no usable descent: the smoothed loss falls from {top:.4g} to at best {floor:.4g} "
+            f"({where}, {depth / abs(top) if top else 0.0:.1%}), less than "
+            f"{MIN_RELATIVE_DROP:.0%}. Widen the sweep (lr_finder.end_lr) or check the data."
+        )
+    if i_min - i_top + 1 < MIN_POINTS:
+        raise LRFinderError(
+            f"no usable descent: the smoothed loss falls over {i_min - i_top + 1} points only "
+            f"({where}); at least {MIN_POINTS} are needed. Lower lr_finder.start_lr or raise "
+            "lr_finder.num_steps."
+        )
+    max_lr = float(lrs[i_min]) / MAX_LR_MARGIN
+    level = top - VALLEY_START * depth
+    # The last point at or above the level before the floor; the next one is below it.
+    j = i_top + int(np.flatnonzero(curve[i_top:i_min] >= level)[-1])
+    fraction = (curve[j] - level) / (curve[j] - curve[j + 1])
+    log_start = np.log(lrs[j]) + fraction * (np.log(lrs[j + 1]) - np.log(lrs[j]))
+    min_lr = min(float(np.exp(log_start)), max_lr / MIN_RANGE_RATIO)
+    return min_lr, max_lr
+
+
+def default_skip_start(num_points: int) -> int:
+    """Noisy warm-up points of a smoothed record: ``min(10, num_points // 10)``."""
+    return min(10, num_points // 10)
+
+
+def find_lr(
+    model: keras.Model,
+    dataset,
+    config: LRFinderConfig,
+    *,
+    loss: keras.losses.Loss,
+    momentum: float = 0.9,
+) -> LRFinderResult:
+    """Run the LR range test on ``model`` and suggest CLR bounds.
+
+    A fresh ``SGD(momentum)`` optimizer follows an :class:`ExponentialSweep` from
+    ``config.start_lr`` to ``config.end_lr`` over exactly ``config.num_steps`` steps of the
+    repeated ``dataset`` (so the cost does not depend on the dataset size or on epochs). The loss
+    of every step is recorded and smoothed (:func:`smooth_losses` with ``config.beta``); the sweep
+    stops early when the loss is not finite or when the smoothed loss exceeds
+    ``config.stop_factor`` times the best one so far (both counted after the first
+    ``max(3, default_skip_start(num_steps))`` steps, whose smoothed values are still noisy).
+    Afterwards the model's weights (including BatchNorm statistics) are restored bit for bit; the
+    model's own compiled optimizer, if any, is never touched.
+
+    Args:
+        model: A built Keras model (it is trained during the test, then restored).
+        dataset: ``tf.data`` batches of ``(x, y)`` or ``(x, y, sample_weight)``.
+        config: Sweep endpoints, steps, smoothing, stop factor.
+        loss: The training loss.
+        momentum: SGD momentum during the sweep.
+
+    Returns:
+        An :class:`LRFinderResult` with the record and the suggested ``(min_lr, max_lr)``.
+
+    Raises:
+        LRFinderError: the dataset is empty, or the curve has no usable descent
+            (see :func:`suggest_bounds`).
+        ValueError: an invalid ``momentum``.
+    """
+    if not 0 <= momentum < 1:
+        raise ValueError(f"Argument `momentum` must be in [0, 1). Received: momentum={momentum}")
+    num_steps = config.num_steps
+    lr_values = sweep_lrs(config.start_lr, config.end_lr, num_steps)
+    optimizer = keras.optimizers.SGD(
+        learning_rate=ExponentialSweep(config.start_lr, config.end_lr, num_steps),
+        momentum=momentum,
+    )
+    mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
+    if mixed:
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)  # the last batch of an epoch may be smaller
+    def train_step(batch):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        with tf.GradientTape() as tape:
+            predictions = model(x, training=True)
+            value = loss(y, predictions, sample_weight=sample_weight)
+            if model.losses:
+                value += tf.add_n(model.losses)
+            scaled = optimizer.get_scaled_loss(value) if mixed else value
+        grads = tape.gradient(scaled, variables)
+        if mixed:
+            grads = optimizer.get_unscaled_gradients(grads)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return value
+
+    # The first smoothed values average only a few losses: a lucky batch there would make
+    # "best" too low and stop the sweep at once. Track the best (and test) only after them.
+    warmup = max(MIN_STEPS_BEFORE_STOP, default_skip_start(num_steps))
+    saved = [np.array(w, copy=True) for w in model.get_weights()]
+    recorded: list[float] = []
+    stopped = False
+    try:
+        avg, best = 0.0, math.inf
+        beta = config.beta
+        for i, batch in enumerate(dataset.repeat().take(num_steps)):
+            value = float(train_step(batch))
+            if not math.isfinite(value):
+                stopped = True
+                break
+            recorded.append(value)
+            avg = beta * avg + (1.0 - beta) * value
+            current = avg / (1.0 - beta ** (i + 1))
+            if i < warmup:
+                continue
+            best = min(best, current)
+            if current > config.stop_factor * best:
+                stopped = True
+                break
+    finally:
+        model.set_weights(saved)
+    if not recorded:
+        raise LRFinderError("no usable descent: the dataset yielded no batches (or only NaN loss)")
+    losses = np.asarray(recorded, dtype=np.float64)
+    lrs = lr_values[: losses.size]
+    smoothed = smooth_losses(losses, config.beta)
+    try:
+        rule = SUGGESTION_RULES[config.rule]
+        min_lr, max_lr = rule(lrs, smoothed, skip_start=default_skip_start(num_steps))
+    except LRFinderError as err:
+        # Keep the record for diagnosis (plot it with cycleprune.plots.plot_lr_finder).
+        err.record = {"lrs": lrs, "losses": losses, "smoothed": smoothed}
+        raise
+    return LRFinderResult(
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        stopped_early=stopped,
+        steps=int(losses.size),
+        rule=config.rule,
+    )
+
+
+# config.LRFinderConfig.rule -> suggestion function (lrs, smoothed, *, skip_start) -> bounds.
+SUGGESTION_RULES = {"steepest_valley": suggest_bounds}
+
+
+def run_lr_finder(
+    dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config
+) -> LRFinderResult:
+    """The LR-finder stage: the range test on the training split, with its outputs.
+
+    Builds the model (``config.model``, seeded with ``config.train.seed``) for the dataset's
+    image shape and classes, the loss (``config.train``) and the class weights
+    (``config.data.class_weight``), runs :func:`find_lr` on the shuffled, augmented training
+    split in batches of ``config.data.batch_size`` with ``config.train.momentum``, and writes,
+    atomically, ``out_dir/lr_finder.json`` (:meth:`LRFinderResult.to_dict`) and
+    ``out_dir/lr_finder.png``.
+
+    Args:
+        dataset_dir: A prepared dataset (:func:`cycleprune.data.prepare_dataset`).
+        out_dir: Output folder (replaced as a whole).
+        config: The run configuration.
+
+    Returns:
+        The :class:`LRFinderResult`.
+
+    Raises:
+        cycleprune.data.DataError: not a prepared dataset.
+        LRFinderError: no usable descent.
+    """
+    from cycleprune import data, losses, models, plots, storage
+
+    info = data.load_info(dataset_dir)
+    model = models.build_model(
+        config.model, info.image_shape, info.num_classes, seed=config.train.seed
+    )
+    weights = data.class_weights(info, config.data)
+    dataset = data.make_dataset(
+        dataset_dir, "train", config.data, training=True, class_weight=weights
+    )
+    result = find_lr(
+        model,
+        dataset,
+        config.lr_finder,
+        loss=losses.make_loss(config.train),
+        momentum=config.train.momentum,
+    )
+    with storage.atomic_dir(out_dir) as tmp:
+        storage.atomic_write_json(Path(tmp) / "lr_finder.json", result.to_dict())
+        plots.plot_lr_finder(
+            result.lrs,
+            result.losses,
+            result.smoothed,
+            result.min_lr,
+            result.max_lr,
+            Path(tmp) / "lr_finder.png",
+        )
+    return result

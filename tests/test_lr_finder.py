@@ -1,0 +1,266 @@
+"""cycleprune.lr_finder: smoothing, the suggestion rule, the sweep, and the range test itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cycleprune import lr_finder
+from cycleprune.compat import keras, tf
+from cycleprune.config import Config, DataConfig, LRFinderConfig, ModelConfig, TrainConfig, preset
+from cycleprune.lr_finder import (
+    ExponentialSweep,
+    LRFinderError,
+    LRFinderResult,
+    find_lr,
+    smooth_losses,
+    suggest_bounds,
+    sweep_lrs,
+)
+
+# ---------------------------------------------------------------------------- pure functions
+
+
+def test_smooth_losses_hand_computed():
+    # beta = 0.5: avg = 0.5, 1.25, 2.125; corrected by 1 - 0.5**(i+1) = 0.5, 0.75, 0.875
+    np.testing.assert_allclose(smooth_losses([1.0, 2.0, 3.0], beta=0.5), [1.0, 5 / 3, 17 / 7])
+    # Bias correction: a constant loss stays constant from the first step.
+    np.testing.assert_allclose(smooth_losses(np.full(50, 0.7), beta=0.98), 0.7)
+    np.testing.assert_array_equal(smooth_losses([3.0, 1.0, 2.0], beta=0.0), [3.0, 1.0, 2.0])
+    assert smooth_losses([], beta=0.9).shape == (0,)
+    with pytest.raises(ValueError, match=r"Argument `beta` must be in \[0, 1\). Received: beta=1"):
+        smooth_losses([1.0], beta=1)
+
+
+def test_sweep_is_exponential_and_in_graph():
+    lrs = sweep_lrs(1e-4, 1.0, 5)
+    np.testing.assert_allclose(lrs, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], rtol=1e-12)
+    schedule = ExponentialSweep(1e-5, 10.0, 100)
+    steps = np.arange(100)
+    np.testing.assert_allclose(
+        schedule(tf.constant(steps)).numpy(), sweep_lrs(1e-5, 10.0, 100), rtol=1e-6
+    )
+    config = schedule.get_config()
+    revived = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert isinstance(revived, ExponentialSweep) and revived.get_config() == config
+    with pytest.raises(ValueError, match="Argument `end_lr` must be > start_lr"):
+        ExponentialSweep(1.0, 0.1, 10)
+    with pytest.raises(ValueError, match="Argument `num_steps` must be an int >= 2"):
+        sweep_lrs(1e-3, 1.0, 1)
+
+
+def _u_curve(start: float = -5.0, stop: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Plateau 1.0 up to lr 1e-3, a straight fall to 0.2 at lr 1, then a steep rise.
+
+    log10(lr) on a 0.1 grid; the floor is at lr = 1, and the loss is 20% of the depth (0.8)
+    below the plateau at log10(lr) = -3 + 3 * 0.2 = -2.4.
+    """
+    x = np.round(np.arange(start, stop + 1e-9, 0.1), 10)
+    loss = np.where(x <= -3, 1.0, 1.0 - 0.8 * (x + 3) / 3)
+    loss = np.where(x > 0, 0.2 + 2.0 * x, loss)
+    return 10.0**x, loss
+
+
+def test_suggest_bounds_on_a_clean_valley():
+    lrs, loss = _u_curve()
+    min_lr, max_lr = suggest_bounds(lrs, loss)
+    assert max_lr == pytest.approx(1.0 / 10)  # a decade below the floor at lr = 1
+    assert min_lr == pytest.approx(10**-2.4, rel=1e-6)  # a fifth of the way down
+
+
+def test_suggest_bounds_ignores_plateau_noise_and_the_noisy_start():
+    lrs, loss = _u_curve()
+    noisy = loss.copy()
+    noisy[20] = 0.9  # a dip on the plateau (lr 1e-3): the descent does not start there
+    noisy[1:4] = [0.1, 3.0, 0.1]  # wild first points, inside the skipped warm-up
+    assert suggest_bounds(lrs, noisy) == pytest.approx(suggest_bounds(lrs, loss))
+
+
+def test_suggest_bounds_keeps_a_factor_four_on_a_short_valley():
+    x = np.round(np.arange(-5.0, 1.0 + 1e-9, 0.1), 10)
+    loss = np.where(x <= -0.6, 1.0, 1.0 - 0.8 * (x + 0.6) / 0.6)  # falls from lr 0.25 to 1
+    loss = np.where(x > 0, 0.2 + 2.0 * x, loss)
+    min_lr, max_lr = suggest_bounds(10.0**x, loss)
+    assert max_lr == pytest.approx(0.1)
+    assert min_lr == pytest.approx(0.1 / 4)  # the valley starts above max_lr: capped
+
+
+@pytest.mark.parametrize(
+    ("name", "loss"),
+    [
+        ("flat", np.full(60, 0.5)),
+        ("rising", np.linspace(0.5, 3.0, 60)),
+        ("shallow", np.concatenate([np.full(30, 1.0), np.linspace(1.0, 0.97, 30)])),
+        # skip 6, then only 4 points from the plateau to the floor before the divergence
+        ("too few points", np.concatenate([np.full(8, 1.0), [0.5, 0.2], np.linspace(1, 5, 50)])),
+    ],
+)
+def test_suggest_bounds_rejects_curves_without_a_usable_descent(name, loss):
+    lrs = sweep_lrs(1e-5, 10.0, loss.size)
+    with pytest.raises(LRFinderError, match="no usable descent"):
+        suggest_bounds(lrs, loss)
+
+
+def test_suggest_bounds_validates_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        suggest_bounds([1e-3, 1e-2], [1.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        suggest_bounds([1e-2, 1e-3, 1e-1, 1, 2, 3], np.ones(6))
+    with pytest.raises(ValueError, match="finite"):
+        suggest_bounds([1e-3, 1e-2], [1.0, np.nan])
+    with pytest.raises(LRFinderError, match="fewer than 5 points"):
+        suggest_bounds([1e-3, 1e-2, 1e-1], [1.0, 0.5, 0.2])
+
+
+def test_result_to_dict_is_json_and_round_trips():
+    lrs, loss = _u_curve()
+    result = LRFinderResult(lrs, loss, smooth_losses(loss), 1e-3, 1e-1, True, lrs.size)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["steps"] == lrs.size and data["stopped_early"] is True
+    assert data["rule"] == "steepest_valley"
+    again = LRFinderResult.from_dict(data)
+    np.testing.assert_array_equal(again.smoothed, result.smoothed)
+    assert (again.min_lr, again.max_lr) == (1e-3, 1e-1)
+
+
+# ------------------------------------------------------------------------------ range test
+
+
+def _linear_problem(n: int = 256):
+    """y = x @ w_true, a dense layer and MSE: descends, then explodes for large LRs."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    return model, dataset
+
+
+def test_find_lr_records_exactly_the_sweep_and_stops_on_non_finite_loss():
+    model, dataset = _linear_problem()
+    before = [w.copy() for w in model.get_weights()]
+    # A huge stop factor disables the divergence test: the sweep runs until the loss overflows.
+    config = LRFinderConfig(start_lr=1e-4, end_lr=1e12, num_steps=80, stop_factor=1e30)
+    result = find_lr(model, dataset, config, loss=keras.losses.MeanSquaredError(), momentum=0.0)
+    assert result.stopped_early and result.steps < 80
+    assert np.all(np.isfinite(result.losses))
+    np.testing.assert_allclose(result.lrs, sweep_lrs(1e-4, 1e12, 80)[: result.steps])
+    np.testing.assert_allclose(result.smoothed, smooth_losses(result.losses, config.beta))
+    assert result.losses[-1] > 1e3 * result.losses[0]  # it did blow up before the NaN
+    assert 1e-4 < result.min_lr < result.max_lr
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_find_lr_runs_num_steps_over_a_repeated_dataset():
+    model, dataset = _linear_problem(64)  # 2 batches per pass: the sweep repeats the data
+    config = LRFinderConfig(start_lr=1e-3, end_lr=0.1, num_steps=30)
+    result = find_lr(model, dataset, config, loss=keras.losses.MeanSquaredError())
+    assert result.steps == 30 and not result.stopped_early
+    assert result.losses[-1] < 0.1 * result.losses[0]
+
+
+def test_find_lr_keeps_the_record_when_there_is_no_descent():
+    model, dataset = _linear_problem()
+    before = [w.copy() for w in model.get_weights()]
+    # One repeated batch and negligible LRs: the loss is the same at every step.
+    config = LRFinderConfig(start_lr=1e-12, end_lr=1e-11, num_steps=20)
+    with pytest.raises(LRFinderError, match="no usable descent") as caught:
+        find_lr(model, dataset.take(1), config, loss=keras.losses.MeanSquaredError())
+    record = caught.value.record
+    assert len(record["lrs"]) == len(record["losses"]) == 20
+    np.testing.assert_allclose(record["losses"], record["losses"][0], rtol=1e-5)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_find_lr_rejects_an_empty_dataset_and_bad_momentum():
+    model, dataset = _linear_problem()
+    config = LRFinderConfig(num_steps=10)
+    with pytest.raises(LRFinderError, match="no batches"):
+        find_lr(model, dataset.take(0), config, loss=keras.losses.MeanSquaredError())
+    with pytest.raises(ValueError, match=r"Received: momentum=1\.0"):
+        find_lr(model, dataset, config, loss=keras.losses.MeanSquaredError(), momentum=1.0)
+
+
+def test_find_lr_on_real_data(tiny_dataset):
+    """The range test on a 240-image slice of PneumoniaMNIST with the tiny VGG (width 0.125, BN).
+
+    Known good range for this setup (checked by hand: SGD(momentum 0.9), batch 16, focal loss,
+    balanced class weights, 6 epochs at a constant LR): the training loss falls too slowly at
+    1e-4, well from 1e-3, best at 1e-2..3e-1 and worse again at 1 and above. So min_lr ~ 1e-3
+    and max_lr ~ 1e-1..3e-1; the suggestion must land within a decade: min_lr in [1e-4, 1e-2],
+    max_lr in [1e-2, 1]. A sweep to LR 100 must diverge and stop early.
+    """
+    from cycleprune import data, losses, models
+
+    data_config = DataConfig(batch_size=32)
+    info = data.load_info(tiny_dataset)
+    weights = data.class_weights(info, data_config)
+    dataset = data.make_dataset(
+        tiny_dataset, "train", data_config, training=True, class_weight=weights
+    )
+    model = models.build_model(ModelConfig(width=0.125, batch_norm=True), (28, 28, 1), 2, seed=1)
+    loss = losses.make_loss(TrainConfig())
+    # A compiled, already-used optimizer must be left exactly as it was.
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss)
+    model.fit(dataset.take(1), verbose=0)
+    weights_before = [w.copy() for w in model.get_weights()]
+    optimizer_before = [v.numpy().copy() for v in model.optimizer.variables]
+    assert len(optimizer_before) > 1
+
+    config = LRFinderConfig(start_lr=1e-5, end_lr=100.0, num_steps=100)
+    result = find_lr(model, dataset, config, loss=loss, momentum=0.9)
+
+    assert result.stopped_early and result.steps < 100
+    assert result.losses[-1] > result.smoothed.min()
+    assert 1e-4 <= result.min_lr <= 1e-2, result.min_lr
+    assert 1e-2 <= result.max_lr <= 1.0, result.max_lr
+    for a, b in zip(weights_before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit, BatchNorm statistics included
+    optimizer_after = [v.numpy() for v in model.optimizer.variables]
+    assert len(optimizer_after) == len(optimizer_before)
+    for a, b in zip(optimizer_before, optimizer_after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _smoke_config(**lr_finder_fields) -> Config:
+    base = preset("smoke")
+    return base.replace(
+        data=DataConfig(batch_size=32),
+        lr_finder=LRFinderConfig(
+            **({"start_lr": 1e-5, "end_lr": 100.0, "num_steps": 60} | lr_finder_fields)
+        ),
+    )
+
+
+def test_run_lr_finder_writes_json_and_plot(tiny_dataset, tmp_path):
+    out = tmp_path / "lr_finder"
+    result = lr_finder.run_lr_finder(tiny_dataset, out, _smoke_config())
+    assert sorted(p.name for p in out.iterdir()) == ["lr_finder.json", "lr_finder.png"]
+    saved = json.loads((out / "lr_finder.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_dict()))
+    assert saved["min_lr"] < saved["max_lr"] and len(saved["lrs"]) == saved["steps"]
+    assert (out / "lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_lr_finder_writes_nothing_when_it_fails(tiny_dataset, tmp_path, monkeypatch):
+    from cycleprune import plots
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "plot_lr_finder", broken_plot)
+    out = tmp_path / "lr_finder"
+    with pytest.raises(RuntimeError, match="disk full"):
+        lr_finder.run_lr_finder(tiny_dataset, out, _smoke_config(num_steps=20))
+    assert not out.exists()  # not even the JSON: the folder appears whole or not at all
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_configurable_rule_is_implemented():
+    from cycleprune import config
+
+    assert set(lr_finder.SUGGESTION_RULES) == set(config.SUGGESTION_RULES)
