@@ -1,0 +1,259 @@
+"""cycleprune.pruning: wrapping, schedules, strip, m:n structure, checkpoint rule, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from cycleprune.compat import keras, tf
+from cycleprune.config import ModelConfig, PruneConfig, preset
+
+STEPS = 8  # ceil(240 tiny training images / batch 32)
+SMOKE_MODEL = ModelConfig(width=0.125, batch_norm=True)
+
+
+def _model(seed: int = 0):
+    from cycleprune import models
+
+    return models.build_model(SMOKE_MODEL, (28, 28, 1), 2, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dataset):
+    from cycleprune import data
+
+    images, labels = data.load_arrays(tiny_dataset, "train")
+    return images[:32].astype(np.float32), np.eye(2, dtype=np.float32)[labels[:32]]
+
+
+def _fine_tune(model, batch, steps: int = 2):
+    """A few optimizer steps with tfmot's step callback (as run_pruning does, minus the rest)."""
+    import tensorflow_model_optimization as tfmot
+
+    x, y = batch
+    model.compile(keras.optimizers.SGD(1e-3), keras.losses.CategoricalCrossentropy())
+    model.fit(
+        x,
+        y,
+        batch_size=len(x) // steps,
+        epochs=1,
+        verbose=0,
+        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+    )
+    return model
+
+
+def _wrapped_names(model) -> set[str]:
+    from cycleprune.pruning import _wrappers
+
+    return {w.layer.name for w in _wrappers(model)}
+
+
+def test_scheduled_sparsity_closed_form_values():
+    from cycleprune.pruning import scheduled_sparsity
+
+    # Polynomial 0 -> 0.5 over steps 0..4 (2 epochs of 2 steps): s(u) = 0.5 * (1 - (1 - u/4)**3).
+    ramp = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=2, epochs=3, frequency=1)
+    expected = [0.2890625, 0.4375, 0.4921875, 0.5, 0.5, 0.5]
+    np.testing.assert_allclose(scheduled_sparsity(6, ramp, steps_per_epoch=2), expected)
+    # Every 2nd step: masks change at u = 2 and 4 only.
+    every2 = dataclasses.replace(ramp, frequency=2)
+    np.testing.assert_allclose(
+        scheduled_sparsity(6, every2, steps_per_epoch=2), [0, 0.4375, 0.4375, 0.5, 0.5, 0.5]
+    )
+    # A frequency that does not divide the ramp never reaches the target.
+    every3 = dataclasses.replace(ramp, frequency=3)
+    assert scheduled_sparsity(6, every3, steps_per_epoch=2)[-1] == pytest.approx(0.4921875)
+    # Constant from epoch 1 (step 2), every 2 steps; override of the target.
+    constant = PruneConfig(schedule="constant", begin_epoch=1, end_epoch=2, epochs=2, frequency=2)
+    np.testing.assert_allclose(
+        scheduled_sparsity(5, constant, steps_per_epoch=2, final_sparsity=0.75),
+        [0, 0.75, 0.75, 0.75, 0.75],
+    )
+    with pytest.raises(ValueError, match=r"final_sparsity=1\.0"):
+        scheduled_sparsity(5, constant, steps_per_epoch=2, final_sparsity=1.0)
+
+
+def test_prune_model_wraps_only_conv_and_dense_of_a_copy():
+    from cycleprune.pruning import _wrappers, prune_model
+
+    model = _model()
+    before = [w.copy() for w in model.get_weights()]
+    pruned = prune_model(model, PruneConfig(), steps_per_epoch=STEPS)
+    prunable = {
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+    }
+    assert len(prunable) == 14 and _wrapped_names(pruned) == prunable
+    assert isinstance(pruned.get_layer("rescale"), keras.layers.Rescaling)
+    assert isinstance(pruned.get_layer("block1_bn1"), keras.layers.BatchNormalization)
+    assert not _wrappers(model)
+    kernel = pruned.get_layer("prune_low_magnitude_block2_conv1").layer.kernel
+    assert kernel is not model.get_layer("block2_conv1").kernel  # its own weights...
+    np.testing.assert_array_equal(kernel.numpy(), model.get_layer("block2_conv1").kernel.numpy())
+    for old, new in zip(before, model.get_weights(), strict=True):  # ...and the input untouched
+        np.testing.assert_array_equal(old, new)
+
+
+def test_zero_sparsity_is_a_no_op(batch):
+    from cycleprune.pruning import overall_sparsity, prune_model, sparsity_report, strip
+
+    model = _model()
+    config = PruneConfig(final_sparsity=0.0, initial_sparsity=0.0, frequency=1)
+    stripped = strip(prune_model(model, config, steps_per_epoch=STEPS))
+    x, _ = batch
+    np.testing.assert_array_equal(stripped.predict(x, verbose=0), model.predict(x, verbose=0))
+    for old, new in zip(model.get_weights(), stripped.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    # Fine-tuning with a zero target updates the masks every step and still zeroes nothing.
+    tuned = _fine_tune(prune_model(model, config, steps_per_epoch=STEPS), batch)
+    assert set(sparsity_report(tuned).values()) == {0.0}
+    assert overall_sparsity(strip(tuned)) == 0.0
+
+
+def test_pruned_layers_reach_the_target_and_strip_keeps_outputs(batch):
+    from cycleprune.pruning import overall_sparsity, prune_model, sparsity_report, strip
+
+    config = PruneConfig(schedule="constant", final_sparsity=0.5, begin_epoch=0, frequency=1)
+    wrapped = _fine_tune(prune_model(_model(), config, steps_per_epoch=STEPS), batch)
+    report = sparsity_report(wrapped)
+    assert len(report) == 14
+    for name, value in report.items():
+        assert value == pytest.approx(0.5, abs=0.01), name
+    x, _ = batch
+    expected = wrapped.predict(x, verbose=0)
+    stripped = strip(wrapped)
+    assert not _wrapped_names(stripped)
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    assert sparsity_report(stripped) == report
+    assert overall_sparsity(stripped) == pytest.approx(0.5, abs=0.01)
+
+
+def _is_m_by_n(kernel: np.ndarray, m: int, n: int) -> bool:
+    """At least m zeros in every n consecutive input channels (the kernel's axis -2)."""
+    rows = np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2])
+    groups = rows.reshape(rows.shape[0], -1, n)
+    return bool(((groups == 0).sum(axis=-1) >= m).all())
+
+
+def test_two_by_four_skips_the_grayscale_first_conv(batch, caplog):
+    from cycleprune.pruning import expected_sparsity, prune_model, sparsity_report, strip
+
+    with caplog.at_level(logging.INFO, logger="cycleprune.pruning"):
+        pruned = prune_model(_model(), PruneConfig(m_by_n="2:4"), steps_per_epoch=STEPS)
+    assert any("block1_conv1" in r.getMessage() and "2:4" in r.getMessage() for r in caplog.records)
+    names = _wrapped_names(pruned)
+    assert "block1_conv1" not in names and len(names) == 13
+    stripped = strip(_fine_tune(pruned, batch))
+    for layer in stripped.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = layer.kernel.numpy()
+            if layer.name == "block1_conv1":
+                assert not (kernel == 0).any()
+            else:
+                assert _is_m_by_n(kernel, 2, 4), layer.name
+                assert np.mean(kernel == 0) == pytest.approx(0.5, abs=0.01)
+    sizes = {name: v for name, v in sparsity_report(stripped).items()}
+    assert sizes["block1_conv1"] == 0.0
+    total = sum(layer.kernel.numpy().size for layer in stripped.layers if hasattr(layer, "kernel"))
+    first = stripped.get_layer("block1_conv1").kernel.numpy().size
+    assert expected_sparsity(pruned, 0.9, "2:4") == pytest.approx(0.5 * (total - first) / total)
+    assert not _is_m_by_n(np.ones((3, 3, 4, 2)), 2, 4)  # the checker itself can fail
+
+
+def _entry(epoch, sparsity, val_auc, val_accuracy=0.8):
+    return {
+        "epoch": epoch,
+        "sparsity": sparsity,
+        "val_auc": val_auc,
+        "val_accuracy": val_accuracy,
+        "checkpoint": f"ckpt-{epoch}",
+    }
+
+
+def test_select_checkpoint_rule():
+    from cycleprune.pruning import select_checkpoint
+
+    entries = [_entry(1, 0.30, 0.99), _entry(2, 0.49, 0.85), _entry(3, 0.50, 0.80)]
+    best = select_checkpoint(entries, target=0.5)
+    assert best["epoch"] == 2 and best["reached_target"] is True  # epoch 1: off target
+    assert "reached_target" not in entries[1]  # a copy, inputs untouched
+    ties = [_entry(1, 0.5, 0.9, 0.7), _entry(2, 0.5, 0.9, 0.8), _entry(3, 0.5, 0.9, 0.75)]
+    assert select_checkpoint(ties, 0.5)["epoch"] == 2  # val_accuracy breaks the AUC tie
+    same = [_entry(1, 0.5, 0.9), _entry(2, 0.5, 0.9)]
+    assert select_checkpoint(same, 0.5)["epoch"] == 2  # then the later epoch
+    nan = [_entry(1, 0.5, math.nan, 0.99), _entry(2, 0.5, 0.6, 0.5)]
+    assert select_checkpoint(nan, 0.5)["epoch"] == 2
+    short = [_entry(1, 0.2, 0.95), _entry(2, 0.3, 0.9)]
+    fallback = select_checkpoint(short, 0.5)
+    assert fallback["epoch"] == 2 and fallback["reached_target"] is False
+    assert select_checkpoint(short, 0.31, tolerance=0.02)["epoch"] == 2
+    assert select_checkpoint(short, 0.25, tolerance=0.05)["epoch"] == 1
+    with pytest.raises(ValueError, match="at least one"):
+        select_checkpoint([], 0.5)
+    with pytest.raises(ValueError, match=r"target=1\.5"):
+        select_checkpoint(short, 1.5)
+
+
+def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
+    from tensorflow.core.util import event_pb2
+
+    from cycleprune import models, pruning, training
+
+    base = tmp_path / "base.keras"
+    training.save_model(_model(), base)
+    smoke = preset("smoke")
+    prune = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=1, epochs=2, frequency=2)
+    config = smoke.replace(prune=prune)
+    out = tmp_path / "pruned"
+    result = pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+
+    assert {p.name for p in out.iterdir()} == {
+        "model.keras",
+        "history.json",
+        "sparsity.json",
+        "tensorboard",
+        "checkpoints",
+    }
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["target"] == 0.5
+    assert report["overall"] == pytest.approx(0.5, abs=0.01) == result.sparsity
+    assert len(report["layers"]) == 14 and report["layers"] == result.layer_sparsity
+    for name, value in report["layers"].items():
+        assert value == pytest.approx(0.5, abs=0.01), name
+    best = report["best_checkpoint"]
+    assert best["reached_target"] is True and best["epoch"] in (1, 2)
+    assert best["sparsity"] == pytest.approx(0.5, abs=0.01) and report["warnings"] == []
+    assert best == result.best_checkpoint
+
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert len(history["sparsity"]) == 2 * STEPS == history["global_step"]
+    assert history["sparsity"][0] == 0.0 and history["sparsity"][STEPS - 1] == 0.5
+    assert history["epochs"][0]["sparsity"] == pytest.approx(
+        history["sparsity"][STEPS - 1], abs=0.01
+    )
+
+    loaded = models.load_model(out / "model.keras")
+    assert not _wrapped_names(loaded)
+    assert pruning.overall_sparsity(loaded) == pytest.approx(result.sparsity)
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
+
+    # A second call resumes from the last checkpoint: nothing to train, the same choice.
+    again = pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+    assert again.history["epochs"] == history["epochs"]
+    assert again.best_checkpoint == result.best_checkpoint
+    assert again.sparsity == result.sparsity
+
+    tags = set()
+    for path in (out / "tensorboard" / "train").glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            tags.update(v.tag for v in event_pb2.Event.FromString(record.numpy()).summary.value)
+    assert {"epoch_loss", "epoch_sparsity", "epoch_layer_sparsity/block2_conv1"} <= tags

@@ -1,0 +1,266 @@
+"""cycleprune.training: CLR training, checkpoints and resume, divergence, history, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cycleprune.compat import keras, tf
+from cycleprune.config import ScheduleConfig, TrainConfig, preset
+
+MIN_LR, MAX_LR = 1e-3, 1e-1
+STEPS = 8  # ceil(240 tiny training images / batch 32)
+
+
+def _config(epochs: int, **train):
+    config = preset("smoke")
+    # A half cycle of 1.5 epochs: a restarted step counter would give a different LR.
+    return config.replace(
+        train=dataclasses.replace(config.train, epochs=epochs, whole_cycles=False, **train),
+        schedule=dataclasses.replace(config.schedule, step_size_epochs=1.5),
+    )
+
+
+def _clr(steps, config, min_lr=MIN_LR, max_lr=MAX_LR):
+    from cycleprune import schedules
+
+    step_size = schedules.clr_step_size(STEPS, config.schedule.step_size_epochs)
+    return schedules.clr(
+        steps, min_lr, max_lr, step_size, config.schedule.policy, config.schedule.gamma
+    )
+
+
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorflow.core.util import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(
+                    (event.step, float(tf.make_ndarray(value.tensor)))
+                )
+    return scalars
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_dataset, tmp_path_factory):
+    from cycleprune import training
+
+    out = tmp_path_factory.mktemp("train2")
+    config = _config(2)
+    result = training.run_training(tiny_dataset, out, config, min_lr=MIN_LR, max_lr=MAX_LR)
+    return out, config, result
+
+
+def test_resolve_lr_bounds_order_and_errors():
+    from cycleprune.training import resolve_lr_bounds
+
+    configured = ScheduleConfig(min_lr=0.01, max_lr=0.2)
+    assert resolve_lr_bounds(configured, 1e-4, 1e-2) == (1e-4, 1e-2)
+    assert resolve_lr_bounds(configured) == (0.01, 0.2)
+    with pytest.raises(ValueError, match="LR range test"):
+        resolve_lr_bounds(ScheduleConfig())
+    with pytest.raises(ValueError, match="both"):
+        resolve_lr_bounds(configured, min_lr=1e-3)
+    with pytest.raises(ValueError, match=r"max_lr=0\.001"):
+        resolve_lr_bounds(ScheduleConfig(), 1e-2, 1e-3)
+
+
+def test_training_epochs_rounds_up_to_whole_cycles():
+    from cycleprune.training import training_epochs
+
+    schedule = ScheduleConfig(step_size_epochs=1.0)  # one cycle = 2 epochs
+    assert training_epochs(TrainConfig(epochs=3, whole_cycles=True), schedule) == 4
+    assert training_epochs(TrainConfig(epochs=3, whole_cycles=False), schedule) == 3
+    assert training_epochs(TrainConfig(epochs=4, whole_cycles=True), schedule) == 4
+
+
+def test_positive_class_auc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from cycleprune.training import PositiveClassAUC
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    p1 = np.clip(0.3 * labels + rng.uniform(0, 0.7, 200), 0, 1).astype(np.float32)
+    metric = PositiveClassAUC(class_id=1, num_thresholds=2000)
+    metric.update_state(np.eye(2, dtype=np.float32)[labels], np.stack([1 - p1, p1], axis=1))
+    assert float(metric.result()) == pytest.approx(roc_auc_score(labels, p1), abs=1e-3)
+
+
+def test_finite_loss_equals_inner_loss_and_rejects_nan():
+    from cycleprune.losses import CategoricalFocalLoss
+    from cycleprune.training import FiniteLoss
+
+    y = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    p = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
+    inner = CategoricalFocalLoss()
+    assert float(FiniteLoss(inner)(y, p)) == pytest.approx(float(inner(y, p)), rel=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite loss"):
+        FiniteLoss(inner)(y, np.array([[np.nan, 1.0], [0.5, 0.5]], np.float32))
+
+
+def test_fit_rejects_steps_that_disagree_with_the_dataset(tmp_path):
+    from cycleprune import training
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((10, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 5])
+    ).batch(5)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    with pytest.raises(ValueError, match="steps_per_epoch=3"):
+        training.fit(
+            model,
+            ds,
+            None,
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.CategoricalCrossentropy(),
+            epochs=1,
+            steps_per_epoch=3,
+            checkpoint_dir=tmp_path,
+        )
+
+
+def test_run_training_writes_model_history_and_tensorboard(two_epochs):
+    from cycleprune import models
+
+    out, config, result = two_epochs
+    assert {p.name for p in out.iterdir()} == {
+        "model.keras",
+        "history.json",
+        "tensorboard",
+        "checkpoints",
+    }
+    assert not list(out.glob(".tmp-*"))
+    assert result.epochs_run == 2
+    assert result.global_step == 2 * STEPS
+    assert (result.min_lr, result.max_lr) == (MIN_LR, MAX_LR)
+
+    history = json.loads((out / "history.json").read_text())
+    assert history == json.loads(json.dumps(result.history))
+    assert history["steps_per_epoch"] == STEPS and history["num_epochs"] == 2
+    assert history["step_size"] == 12  # 1.5 epochs of 8 steps
+    np.testing.assert_allclose(history["lr"], _clr(np.arange(2 * STEPS), config), rtol=1e-12)
+    epochs = history["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert [e["global_step"] for e in epochs] == [STEPS, 2 * STEPS]
+    for entry in epochs:
+        for key in ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"):
+            assert math.isfinite(entry[key]), key
+        # The LR the optimizer really used at the epoch's last step is the closed form's value.
+        assert entry["lr"] == pytest.approx(float(_clr(entry["global_step"] - 1, config)), rel=1e-6)
+    assert result.val_metrics["auc"] == epochs[-1]["val_auc"]
+    assert result.val_metrics["accuracy"] == epochs[-1]["val_accuracy"]
+
+    model = models.load_model(out / "model.keras")
+    probs = model.predict(np.zeros((3, 28, 28, 1), np.float32), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    ckpt = out / "checkpoints"
+    assert tf.train.latest_checkpoint(str(ckpt)).endswith("ckpt-2")
+    assert json.loads((ckpt / "ckpt-2.json").read_text())["val_auc"] == epochs[1]["val_auc"]
+
+    train_scalars = _events(out / "tensorboard" / "train")
+    val_scalars = _events(out / "tensorboard" / "validation")
+    assert [s for s, _ in train_scalars["epoch_loss"]] == [0, 1]
+    assert [v for _, v in train_scalars["epoch_lr"]] == pytest.approx([e["lr"] for e in epochs])
+    assert [v for _, v in val_scalars["epoch_auc"]] == pytest.approx([e["val_auc"] for e in epochs])
+
+
+def test_resume_continues_the_schedule_at_the_saved_step(two_epochs, tiny_dataset, tmp_path):
+    from cycleprune import training
+
+    first_out, _, first = two_epochs
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(first_out / "checkpoints", checkpoints)
+    config = _config(3)
+
+    resumed = training.run_training(
+        tiny_dataset,
+        tmp_path / "resumed",
+        config,
+        min_lr=MIN_LR,
+        max_lr=MAX_LR,
+        checkpoint_dir=checkpoints,
+    )
+    assert resumed.epochs_run == 1
+    assert resumed.global_step == 3 * STEPS
+    epochs = resumed.history["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert epochs[:2] == first.history["epochs"]  # merged from the saved entries
+    assert epochs[2]["global_step"] == 3 * STEPS
+    # The restored step counter drives the in-graph schedule: LR of step 3*STEPS-1, not STEPS-1.
+    assert epochs[2]["lr"] == pytest.approx(float(_clr(3 * STEPS - 1, config)), rel=1e-6)
+    assert epochs[2]["lr"] != pytest.approx(float(_clr(STEPS - 1, config)), rel=1e-3)
+    reader = tf.train.load_checkpoint(str(checkpoints / "ckpt-3"))
+    iterations = [k for k in reader.get_variable_to_shape_map() if "iter" in k]
+    assert [int(reader.get_tensor(k)) for k in iterations] == [3 * STEPS]
+
+    again = training.run_training(
+        tiny_dataset,
+        tmp_path / "again",
+        config,
+        min_lr=MIN_LR,
+        max_lr=MAX_LR,
+        checkpoint_dir=checkpoints,
+    )
+    assert again.epochs_run == 0 and again.global_step == 3 * STEPS
+    assert again.history["epochs"] == epochs
+
+    straight = training.run_training(
+        tiny_dataset, tmp_path / "straight", config, min_lr=MIN_LR, max_lr=MAX_LR
+    )
+    assert straight.epochs_run == 3
+    assert straight.global_step == resumed.global_step
+    np.testing.assert_allclose(straight.history["lr"], resumed.history["lr"])
+
+
+def test_divergence_stops_with_step_and_lr(tiny_dataset, tmp_path):
+    from cycleprune import training
+
+    base = _config(2, loss="crossentropy")
+    config = base.replace(model=dataclasses.replace(base.model, batch_norm=False))
+    with pytest.raises(training.DivergenceError) as caught:
+        training.run_training(tiny_dataset, tmp_path / "out", config, min_lr=1e3, max_lr=1e4)
+    err = caught.value
+    assert 0 <= err.step < 2 * STEPS
+    assert err.lr == pytest.approx(float(_clr(err.step, config, 1e3, 1e4)), rel=1e-5)
+    assert f"step {err.step}" in str(err) and f"{err.lr:.6g}" in str(err)
+    assert err.checkpoint is None and "none" in str(err)
+    assert not (tmp_path / "out" / "model.keras").exists()
+    assert not (tmp_path / "out" / "history.json").exists()
+
+
+def test_divergence_names_the_last_good_checkpoint(two_epochs, tiny_dataset, tmp_path):
+    from cycleprune import training
+
+    first_out, _, _ = two_epochs
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(first_out / "checkpoints", checkpoints)
+    with pytest.raises(training.DivergenceError) as caught:
+        training.run_training(
+            tiny_dataset,
+            tmp_path / "out",
+            _config(3),
+            min_lr=1e30,
+            max_lr=1e35,
+            checkpoint_dir=checkpoints,
+        )
+    err = caught.value
+    assert err.step >= 2 * STEPS
+    assert err.checkpoint is not None and err.checkpoint.endswith("ckpt-2")
+    assert err.checkpoint in str(err)
+    assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-2")
+    assert not (checkpoints / "ckpt-3.json").exists()
+    reader = tf.train.load_checkpoint(err.checkpoint)
+    for key in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(key)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), key
