@@ -10,7 +10,7 @@ ARGS ?=
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,40 @@ lock: ## Re-pin requirements.txt from requirements.in in a fresh virtualenv
 	  .lock-venv/bin/pip freeze --exclude-editable ) > requirements.txt
 	rm -rf .lock-venv
 
+compile: $(STAMP) ## Compile the pipeline: IR YAML + Kubernetes manifests into build/compiled
+	$(PY) -m cycleprune compile --out build/compiled $(ARGS)
+
+tensorboard: $(STAMP) ## Open TensorBoard on a run's logs (RUN=runs/<timestamp>, default: the latest)
+	$(VENV)/bin/tensorboard --logdir "$${RUN:-$$(ls -d runs/2* | tail -n 1)}/tensorboard"
+
 clean: ## Remove caches and local runs (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 
-.PHONY: help install run test test-fast lint format lock clean
+.PHONY: help install run test test-fast lint format lock compile tensorboard clean
+
+# ---- image and cluster manifests -------------------------------------------------------------
+# The image tag is the one the pipeline compiler writes as every component's base_image:
+# <repository of pipelines.DEFAULT_IMAGE>:<cycleprune.__version__>.
+VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cycleprune/__init__.py)
+IMAGE_REPO ?= $(shell $(PY) -c 'from pipelines import DEFAULT_IMAGE; print(DEFAULT_IMAGE.rpartition(":")[0])' 2>/dev/null || echo ghcr.io/cycleprune/cycleprune)
+IMAGE ?= $(IMAGE_REPO):$(VERSION)
+DOCKER ?= docker
+
+image: ## Build the component image IMAGE_REPO:VERSION from docker/Dockerfile (needs Docker)
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) \
+	  --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
+
+push: image ## Push the component image to its registry (run `docker login` first)
+	$(DOCKER) push $(IMAGE)
+
+manifests: $(STAMP) ## Recompile the pipeline (GPU and CPU variants) into manifests/compiled
+	$(PY) -m pipelines.manifests --root manifests
+
+lint-docker: $(STAMP) ## Lint docker/Dockerfile with hadolint (no warnings allowed)
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+validate-manifests: $(STAMP) ## Render every overlay; check schemas, policies, yamllint and drift
+	$(PY) -m pytest -q tests/test_manifests.py
+
+.PHONY: image push manifests lint-docker validate-manifests

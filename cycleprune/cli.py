@@ -83,8 +83,11 @@ def _data_config_for(source: str, config: Config):
     """The bundled PneumoniaMNIST carries no class names; name them unless the user did."""
     import dataclasses
 
-    names = getattr(config.data, "class_names", None)
-    if names == () and Path(source).resolve() == BUNDLED_DATA.resolve():
+    if (
+        not config.data.class_names
+        and not source.startswith("gs://")
+        and Path(source).resolve() == BUNDLED_DATA.resolve()
+    ):
         return dataclasses.replace(config.data, class_names=BUNDLED_CLASS_NAMES)
     return config.data
 
@@ -188,6 +191,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     source = str(args.source)
     if not source.startswith("gs://"):
         source = str(Path(source).resolve())
+    config = config.replace(data=_data_config_for(source, config))
     started = time.monotonic()
     summary = local.run_local(
         config,

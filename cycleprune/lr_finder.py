@@ -60,6 +60,10 @@ class LRFinderResult:
         stopped_early: The sweep stopped before ``num_steps`` (divergence or a non-finite loss).
         steps: Number of recorded steps (``len(lrs)``).
         rule: Name of the suggestion rule.
+        bounds_from: ``"lr_finder"`` when ``min_lr``/``max_lr`` are the suggestion, ``"config"``
+            when the configuration fixed them (``schedule.min_lr``/``max_lr``); the suggestion is
+            then kept in ``suggested_min_lr``/``suggested_max_lr`` (``None`` if the curve had
+            no usable descent, with the reason in ``note``).
     """
 
     lrs: np.ndarray
@@ -70,6 +74,14 @@ class LRFinderResult:
     stopped_early: bool
     steps: int
     rule: str = "steepest_valley"
+    bounds_from: str = "lr_finder"
+    suggested_min_lr: float | None = None
+    suggested_max_lr: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bounds_from == "lr_finder" and self.suggested_min_lr is None:
+            self.suggested_min_lr, self.suggested_max_lr = self.min_lr, self.max_lr
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (arrays as lists of floats)."""
@@ -82,6 +94,10 @@ class LRFinderResult:
             "stopped_early": bool(self.stopped_early),
             "steps": int(self.steps),
             "rule": self.rule,
+            "bounds_from": self.bounds_from,
+            "suggested_min_lr": _float_or_none(self.suggested_min_lr),
+            "suggested_max_lr": _float_or_none(self.suggested_max_lr),
+            "note": self.note,
         }
 
     @classmethod
@@ -95,7 +111,15 @@ class LRFinderResult:
             stopped_early=bool(data["stopped_early"]),
             steps=int(data["steps"]),
             rule=str(data.get("rule", "steepest_valley")),
+            bounds_from=str(data.get("bounds_from", "lr_finder")),
+            suggested_min_lr=_float_or_none(data.get("suggested_min_lr")),
+            suggested_max_lr=_float_or_none(data.get("suggested_max_lr")),
+            note=str(data.get("note", "")),
         )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def sweep_lrs(start_lr: float, end_lr: float, num_steps: int) -> np.ndarray:
@@ -404,6 +428,10 @@ def run_lr_finder(
 ) -> LRFinderResult:
     """The LR-finder stage: the range test on the training split, with its outputs.
 
+    When the configuration fixes the CLR bounds (``schedule.min_lr``/``max_lr``), those are the
+    result's bounds (``bounds_from="config"``) and a curve without usable descent is recorded
+    rather than raised; otherwise the suggestion is.
+
     Builds the model (``config.model``, seeded with ``config.train.seed``) for the dataset's
     image shape and classes, the loss (``config.train``) and the class weights
     (``config.data.class_weight``), runs :func:`find_lr` on the shuffled, augmented training
@@ -433,13 +461,40 @@ def run_lr_finder(
     dataset = data.make_dataset(
         dataset_dir, "train", config.data, training=True, class_weight=weights
     )
-    result = find_lr(
-        model,
-        dataset,
-        config.lr_finder,
-        loss=losses.make_loss(config.train),
-        momentum=config.train.momentum,
-    )
+    fixed = config.schedule.has_bounds
+    try:
+        result = find_lr(
+            model,
+            dataset,
+            config.lr_finder,
+            loss=losses.make_loss(config.train),
+            momentum=config.train.momentum,
+        )
+    except LRFinderError as err:
+        if not fixed or err.record is None:
+            raise
+        record = err.record
+        result = LRFinderResult(
+            lrs=record["lrs"],
+            losses=record["losses"],
+            smoothed=record["smoothed"],
+            min_lr=config.schedule.min_lr,
+            max_lr=config.schedule.max_lr,
+            stopped_early=False,
+            steps=len(record["lrs"]),
+            rule=config.lr_finder.rule,
+            bounds_from="config",
+            note=f"suggestion unavailable: {err}",
+        )
+    if fixed and result.bounds_from != "config":
+        result = dataclasses.replace(
+            result,
+            min_lr=config.schedule.min_lr,
+            max_lr=config.schedule.max_lr,
+            bounds_from="config",
+            suggested_min_lr=result.min_lr,
+            suggested_max_lr=result.max_lr,
+        )
     with storage.atomic_dir(out_dir) as tmp:
         storage.atomic_write_json(Path(tmp) / "lr_finder.json", result.to_dict())
         plots.plot_lr_finder(

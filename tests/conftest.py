@@ -54,3 +54,41 @@ def tiny_dataset(tiny_npz, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "dataset"
     data.prepare_dataset(str(tiny_npz), str(out), DataConfig())
     return out
+
+
+@pytest.fixture(scope="session")
+def train_tiny_model():
+    """A factory: the tiny VGG briefly trained on a prepared dataset, with spread-out outputs.
+
+    Class-balanced weights keep it from collapsing onto the majority class, and BatchNorm's
+    moving statistics are set from a training batch (two short epochs leave them near their
+    initial values, so every inference output would be ~0.5 and argmax comparisons vacuous).
+    """
+
+    def train(dataset_dir, seed: int = 0, epochs: int = 2):
+        from cycleprune import data, models
+        from cycleprune.compat import keras
+        from cycleprune.config import ModelConfig
+
+        x, y = data.load_arrays(dataset_dir, "train")
+        x = x.astype(np.float32)
+        keras.utils.set_random_seed(seed)
+        model = models.build_model(
+            ModelConfig(width=0.125, batch_norm=True), x.shape[1:], 2, seed=seed
+        )
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
+        counts = np.bincount(y, minlength=2)
+        weights = {c: len(y) / (2 * counts[c]) for c in range(2)}
+        onehot = np.eye(2, dtype=np.float32)[y]
+        model.fit(x, onehot, batch_size=32, epochs=epochs, class_weight=weights, verbose=0)
+        norms = [
+            layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        for layer in norms:
+            layer.momentum = 0.0
+        model(x[:128], training=True)
+        for layer in norms:
+            layer.momentum = 0.99
+        return model
+
+    return train

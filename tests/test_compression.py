@@ -15,27 +15,6 @@ from cycleprune.config import CompressConfig, Config, ModelConfig
 TINY_MODEL = ModelConfig(width=0.125, batch_norm=True)
 
 
-def _trained_model(dataset_dir, seed=0):
-    """The tiny VGG after one short epoch, with outputs spread over (0, 1).
-
-    One epoch leaves BatchNorm's moving statistics near their initial values, so the inference
-    outputs would all be ~0.5 and argmax comparisons vacuous; the statistics are therefore set
-    from one batch of training images (momentum 0 for one training-mode call).
-    """
-    x, y = data.load_arrays(dataset_dir, "train")
-    x = x.astype(np.float32)
-    model = models.build_model(TINY_MODEL, x.shape[1:], 2, seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
-    model.fit(x, np.eye(2, dtype=np.float32)[y], batch_size=32, verbose=0)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(x[:128], training=True)
-    for layer in norms:
-        layer.momentum = 0.99
-    return model
-
-
 def _prune_in_place(model, sparsity=0.5):
     """Wrap Conv2D/Dense in tfmot pruning, apply one masking step. Returns the wrapped model."""
     import tensorflow_model_optimization as tfmot
@@ -62,10 +41,10 @@ def _prune_in_place(model, sparsity=0.5):
 
 
 @pytest.fixture(scope="module")
-def models_dir(tiny_dataset, tmp_path_factory):
+def models_dir(tiny_dataset, tmp_path_factory, train_tiny_model):
     """dense.keras (trained), and pruned_wrapped.keras: the same weights, 50% pruned, wrapped."""
     folder = tmp_path_factory.mktemp("models")
-    model = _trained_model(tiny_dataset)
+    model = train_tiny_model(tiny_dataset)
     model.save(folder / "dense.keras")
     # clone_model(clone_function=...) wraps the original layers, so prune after saving dense.
     _prune_in_place(model).save(folder / "pruned_wrapped.keras")

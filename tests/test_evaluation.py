@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cycleprune import compression, data, evaluation, models, storage
-from cycleprune.compat import keras
 from cycleprune.config import CompressConfig, Config, EvaluateConfig, ModelConfig
 
 TINY_MODEL = ModelConfig(width=0.125, batch_norm=True)
@@ -127,29 +126,10 @@ def test_roc_points_are_thinned():
 # Real models
 
 
-def _trained_model(dataset_dir, seed=0):
-    """The tiny VGG after one short epoch, BatchNorm statistics set from a training batch.
-
-    (One epoch leaves the moving statistics near their initial values and every output ~0.5.)
-    """
-    x, y = data.load_arrays(dataset_dir, "train")
-    x = x.astype(np.float32)
-    model = models.build_model(TINY_MODEL, x.shape[1:], 2, seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
-    model.fit(x, np.eye(2, dtype=np.float32)[y], batch_size=32, verbose=0)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(x[:128], training=True)
-    for layer in norms:
-        layer.momentum = 0.99
-    return model
-
-
 @pytest.fixture(scope="module")
-def compressed(tiny_dataset, tmp_path_factory):
+def compressed(tiny_dataset, tmp_path_factory, train_tiny_model):
     folder = tmp_path_factory.mktemp("eval-models")
-    _trained_model(tiny_dataset).save(folder / "trained.keras")
+    train_tiny_model(tiny_dataset).save(folder / "trained.keras")
     out = folder / "compressed"
     config = Config(compress=CompressConfig(representative_samples=32))
     compression.run_compression(str(folder / "trained.keras"), str(tiny_dataset), str(out), config)

@@ -260,6 +260,33 @@ def test_run_lr_finder_writes_nothing_when_it_fails(tiny_dataset, tmp_path, monk
     assert not list(tmp_path.iterdir())
 
 
+def test_configured_bounds_win_and_survive_a_curve_without_descent(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    cfg = _smoke_config(num_steps=20)
+    cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, min_lr=1e-3, max_lr=1e-1))
+    result = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "ok", cfg)
+    assert (result.min_lr, result.max_lr, result.bounds_from) == (1e-3, 1e-1, "config")
+
+    def no_descent(*args, **kwargs):
+        raise lr_finder.LRFinderError("no usable descent: flat")
+
+    monkeypatch.setitem(lr_finder.SUGGESTION_RULES, cfg.lr_finder.rule, no_descent)
+    result = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "flat", cfg)
+    assert (result.min_lr, result.max_lr, result.bounds_from) == (1e-3, 1e-1, "config")
+    assert result.suggested_min_lr is None and "no usable descent" in result.note
+    saved = json.loads((tmp_path / "flat" / "lr_finder.json").read_text())
+    assert saved["bounds_from"] == "config" and saved["suggested_max_lr"] is None
+    assert len(saved["lrs"]) == saved["steps"] > 0
+    # Without configured bounds the same curve is an error, never nonsense bounds.
+    auto = cfg.replace(schedule=dataclasses.replace(cfg.schedule, min_lr=0.0, max_lr=0.0))
+    with pytest.raises(lr_finder.LRFinderError, match="no usable descent"):
+        lr_finder.run_lr_finder(tiny_dataset, tmp_path / "auto", auto)
+    assert not (tmp_path / "auto").exists()
+
+
 def test_every_configurable_rule_is_implemented():
     from cycleprune import config
 

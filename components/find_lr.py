@@ -1,0 +1,44 @@
+"""``find_lr``: the LR range test; its bounds become the CLR bounds of training and pruning."""
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
+
+from components._base import component
+
+
+@component
+def find_lr(
+    dataset: Input[Dataset],
+    config: Input[Artifact],
+    lr_finder: Output[Artifact],
+    plot: Output[HTML],
+    metrics: Output[Metrics],
+):
+    """LR range test (Smith 2017): exponential LR sweep, suggested CLR bounds.
+
+    `lr_finder` (JSON) holds the curve, the suggestion and the bounds to use (`min_lr`,
+    `max_lr`): the suggestion, unless the configuration sets schedule.min_lr/max_lr
+    (`bounds_from` says which).
+    """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from cycleprune import lr_finder as finder
+    from cycleprune import report, storage
+    from cycleprune.config import Config
+
+    cfg = Config.from_json(Path(config.path).read_text())
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        result = finder.run_lr_finder(dataset.path, work, cfg)
+        seconds = time.perf_counter() - start
+        record = {**result.to_dict(), "seconds": seconds}
+        storage.atomic_write_json(lr_finder.path, record)
+        page = report.figures_html("LR range test", report.lr_finder_figures(record, work))
+        storage.atomic_write_text(plot.path, page)
+
+    lr_finder.metadata.update({k: record[k] for k in ("min_lr", "max_lr", "bounds_from")})
+    for key in ("min_lr", "max_lr", "suggested_min_lr", "suggested_max_lr", "steps"):
+        if record[key] is not None:
+            metrics.log_metric(key, record[key])
+    metrics.log_metric("seconds", round(seconds, 3))

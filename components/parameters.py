@@ -1,0 +1,153 @@
+"""Pipeline parameters <-> :class:`~cycleprune.config.Config`.
+
+The run form of the pipeline shows the article's hyperparameters as parameters; everything else
+comes from a preset or ``extra_config``. :func:`build_config` resolves them in this order: the
+``preset``, then each explicit parameter (:data:`PARAMETERS`), then ``extra_config`` (YAML or JSON
+sections). :func:`pipeline_arguments` is the inverse, for running a given ``Config`` as a pipeline.
+
+No kfp import: the ``configure`` component imports this module inside its container, where
+``kfp.dsl`` is the slim runtime.
+"""
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from cycleprune.config import Config, preset
+
+# Pipeline parameter -> the config field(s) it sets.
+PARAMETERS: dict[str, tuple[str, ...]] = {
+    "class_names": ("data.class_names",),
+    "batch_size": ("data.batch_size",),
+    "augment": ("data.augment",),
+    "class_weight": ("data.class_weight",),
+    "seed": ("data.seed", "train.seed"),
+    "width": ("model.width",),
+    "min_lr": ("schedule.min_lr",),
+    "max_lr": ("schedule.max_lr",),
+    "lr_policy": ("schedule.policy",),
+    "step_size_epochs": ("schedule.step_size_epochs",),
+    "epochs": ("train.epochs",),
+    "optimizer": ("train.optimizer",),
+    "momentum": ("train.momentum",),
+    "loss": ("train.loss",),
+    "focal_gamma": ("train.focal_gamma",),
+    "focal_alpha": ("train.focal_alpha",),
+    "sparsities": ("prune.sparsities",),
+    "prune_epochs": ("prune.epochs",),
+    "prune_end_epoch": ("prune.end_epoch",),
+    "prune_frequency": ("prune.frequency",),
+}
+
+# The DataConfig fields that change what prepare_dataset writes (batching and augmentation
+# happen later, in make_dataset).
+PREPARE_FIELDS = (
+    "class_names",
+    "image_size",
+    "channels",
+    "val_fraction",
+    "shard_size",
+    "limit",
+    "seed",
+)
+
+
+def _parse_class_weight(value: Any) -> Any:
+    """``"balanced"``, ``"none"``, or a YAML/JSON list such as ``"[1.0, 0.33]"``."""
+    if isinstance(value, str) and value.strip().startswith(("[", "{")):
+        return yaml.safe_load(value)
+    return value
+
+
+def _parse_extra(extra_config: str) -> dict[str, dict[str, Any]]:
+    try:
+        extra = yaml.safe_load(extra_config) if extra_config.strip() else {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"extra_config is not valid YAML/JSON: {err}") from None
+    extra = extra or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(v, Mapping) for v in extra.values()):
+        raise ValueError(
+            "extra_config must map sections to fields, e.g. "
+            f"'{{evaluate: {{threshold_rule: f1}}}}'. Received: extra_config={extra_config!r}"
+        )
+    return {str(k): dict(v) for k, v in extra.items()}
+
+
+def _merge(preset_name: str, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The preset as a dict with the parameters written over it (not validated yet)."""
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"Unknown pipeline parameter(s): {', '.join(unknown)}")
+    data = preset(preset_name).to_dict()
+    for name, value in params.items():
+        if name == "class_weight":
+            value = _parse_class_weight(value)
+        for field in PARAMETERS[name]:
+            section, key = field.split(".")
+            data[section][key] = value
+    if data["prune"]["end_epoch"] == 0:
+        data["prune"]["end_epoch"] = data["prune"]["epochs"]
+    return data
+
+
+def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str = "") -> Config:
+    """Resolve the run configuration from the pipeline's parameters.
+
+    Args:
+        preset_name: Base preset (``smoke``, ``small``, ``seed``).
+        params: Pipeline parameter values keyed as in :data:`PARAMETERS` (any subset).
+            ``prune_end_epoch=0`` means "ramp over all ``prune_epochs``".
+        extra_config: YAML/JSON ``{section: {field: value}}`` applied last. It may not change
+            ``prune.sparsities``: the pipeline fans out over the ``sparsities`` parameter.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ValueError: an unknown preset, parameter, section or field, or an invalid value (the
+            message names the field and the value).
+    """
+    data = _merge(preset_name, params)
+    extra = _parse_extra(extra_config)
+    fanned_out = data["prune"]["sparsities"]
+    for section, values in extra.items():
+        data.setdefault(section, {}).update(values)
+    if "sparsities" in params and data["prune"]["sparsities"] != fanned_out:
+        raise ValueError(
+            "Set prune sparsities with the `sparsities` parameter, not extra_config. Received: "
+            f"prune.sparsities={data['prune']['sparsities']!r}"
+        )
+    return Config.from_dict(data)
+
+
+def data_config(config: Config) -> dict[str, Any]:
+    """The :data:`PREPARE_FIELDS` of ``config.data``, JSON-ready."""
+    data = config.to_dict()["data"]
+    return {name: data[name] for name in PREPARE_FIELDS}
+
+
+def pipeline_arguments(config: Config, *, preset_name: str = "seed") -> dict[str, Any]:
+    """The pipeline arguments that make :func:`build_config` return ``config`` again.
+
+    Every explicit parameter takes its value from ``config``; ``extra_config`` carries only the
+    fields that still differ from ``preset_name`` (JSON, sorted keys: the same config always
+    gives the same arguments, so cached stages stay cached).
+    """
+    values = config.to_dict()
+    args: dict[str, Any] = {"preset": preset_name}
+    for name, fields in PARAMETERS.items():
+        section, key = fields[0].split(".")
+        value = values[section][key]
+        if name == "class_weight" and not isinstance(value, str):
+            value = json.dumps(value)
+        args[name] = value
+    base = _merge(preset_name, {k: v for k, v in args.items() if k != "preset"})
+    extra = {
+        section: {k: v for k, v in fields.items() if base[section][k] != v}
+        for section, fields in values.items()
+    }
+    extra = {section: fields for section, fields in extra.items() if fields}
+    args["extra_config"] = json.dumps(extra, sort_keys=True) if extra else ""
+    return args

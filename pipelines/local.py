@@ -1,0 +1,243 @@
+"""Run the whole pipeline on this machine with ``kfp.local``, and collect a run folder.
+
+The same graph as on a cluster runs here, each task a subprocess of this virtualenv
+(``kfp.local.SubprocessRunner(use_venv=False)``), built without GPU requests (TensorFlow uses
+a local GPU if it sees one) and without retries (a local failure is a bug, not a preempted node);
+images, CPU and memory settings have no effect here.
+Task outputs live under a pipeline root that stays the same across runs (``runs/.kfp-root``), so
+kfp.local's cache serves ``configure`` and ``prepare_data`` again to the next identical (or
+training-only different) run. After a successful run the other task outputs are deleted: the
+run folder holds copies of everything worth keeping.
+
+The run folder (default ``runs/<UTC timestamp>``) is the ``report`` task's ``run`` artifact plus
+run metadata: ``summary.json`` (see :mod:`cycleprune.report`; here also ``run_dir`` and
+``pipeline``), ``report.html``, ``models/<variant>/`` and ``tensorboard/<run>/``.
+"""
+
+import builtins
+import contextlib
+import datetime
+import importlib.util
+import logging
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kfp import local
+
+from components._base import DEFAULT_IMAGE
+from components.parameters import pipeline_arguments
+from cycleprune import storage
+from cycleprune.config import Config
+from cycleprune.report import format_table
+from pipelines.pipeline import CACHED_STAGES, build_pipeline
+
+__all__ = ["DEFAULT_PIPELINE_ROOT", "format_table", "hide_docker_folder", "run_local"]
+
+DEFAULT_RUNS_DIR = Path("runs")
+DEFAULT_PIPELINE_ROOT = DEFAULT_RUNS_DIR / ".kfp-root"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"^Executing task '([\w-]+)'")
+_FINISHED = re.compile(r"^Task '([\w-]+)' finished with status (\w+)")
+_CACHED = re.compile(r"^Task ([\w-]+) cache hit")
+# kfp.local's notes on settings it cannot honour here: true, and expected.
+_LOCAL_NOISE = (
+    (RuntimeWarning, r"You may be attemping to run a task that uses custom or non-Python"),
+    (UserWarning, r"Task .* have no effect in the current local runner"),
+)
+
+
+def _stage(task_name: str) -> str:
+    """kfp task name -> component name: ``compress-2`` -> ``compress``."""
+    return re.sub(r"-\d+$", "", task_name).replace("-", "_")
+
+
+class _Tracker(logging.Filter):
+    """Watches kfp.local's log records for task start/finish/cache-hit; times each task."""
+
+    def __init__(self, progress: Callable[[str], None] | None) -> None:
+        super().__init__()
+        self.progress = progress
+        self.started: dict[tuple[int, str], float] = {}
+        self.seconds: dict[str, list[float]] = {}
+        self.cached: list[str] = []
+        self.lock = threading.Lock()
+
+    def _say(self, text: str) -> None:
+        if self.progress is not None:
+            clock = datetime.datetime.now().strftime("%H:%M:%S")
+            self.progress(f"[{clock}] {text}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        with self.lock:
+            if match := _STARTED.match(message):
+                stage = _stage(match[1])
+                self.started[(record.thread, stage)] = time.monotonic()
+                self._say(f"{stage}: started")
+            elif match := _FINISHED.match(message):
+                stage = _stage(match[1])
+                began = self.started.pop((record.thread, stage), None)
+                took = time.monotonic() - began if began is not None else float("nan")
+                self.seconds.setdefault(stage, []).append(round(took, 1))
+                self._say(f"{stage}: {match[2].lower()} ({took:.1f} s)")
+            elif match := _CACHED.match(message):
+                stage = _stage(match[1])
+                self.cached.append(stage)
+                self._say(f"{stage}: cached, reusing its outputs")
+        return True
+
+
+@contextlib.contextmanager
+def _watching(tracker: _Tracker) -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    # kfp.local swaps builtins.print for an indenting one per task; two ParallelFor threads
+    # doing so at once can leave it swapped for good. Put the real one back afterwards.
+    real_print = builtins.print
+    root.addFilter(tracker)
+    if root.getEffectiveLevel() > logging.INFO:
+        # kfp.local logs cache hits at INFO, outside its own logging context.
+        root.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _LOCAL_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        builtins.print = real_print
+        root.removeFilter(tracker)
+        root.setLevel(level)
+
+
+def hide_docker_folder() -> None:
+    """Keep a ``docker/`` folder on ``sys.path`` from posing as the Docker SDK.
+
+    Run from the repository root, ``import docker`` finds this project's ``docker/`` folder (the
+    Dockerfile) as a namespace package. kfp.local imports ``docker`` to offer its DockerRunner and
+    only expects an ImportError when the SDK is absent, so the impostor breaks every run. Only
+    the SubprocessRunner is used here: make the impostor an ImportError.
+    """
+    module = sys.modules.get("docker")
+    if module is not None:
+        impostor = getattr(module, "__file__", None) is None
+    else:
+        spec = importlib.util.find_spec("docker")
+        impostor = spec is not None and spec.origin is None
+    if impostor:
+        sys.modules["docker"] = None  # type: ignore[assignment]
+
+
+def _print_line(line: str) -> None:
+    # sys.stdout, not print(): kfp.local indents print() while a task streams its logs.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _utc_stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def run_local(
+    config: Config,
+    *,
+    source: str,
+    out_dir: str | Path | None = None,
+    image: str | None = None,
+    progress: Callable[[str], None] | None = _print_line,
+    pipeline_root: str | Path | None = None,
+    keep_task_outputs: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline with ``kfp.local`` and assemble the run folder.
+
+    Args:
+        config: The run configuration (passed as pipeline arguments; see
+            :func:`components.parameters.pipeline_arguments`).
+        source: The dataset (``.npz``, image folder or prepared dataset); a local path is made
+            absolute.
+        out_dir: The run folder; default ``runs/<UTC timestamp>``. Must not exist or be empty.
+        image: Image name recorded in the tasks (kfp.local runs this virtualenv whatever it is).
+            Default: :data:`components._base.DEFAULT_IMAGE`.
+        progress: Called with one line per task start, finish and cache hit; ``None`` = quiet
+            (kfp.local still streams the task logs to stdout).
+        pipeline_root: kfp.local's output and cache folder; default ``runs/.kfp-root``. Keep it
+            across runs for caching.
+        keep_task_outputs: Keep this run's task folders under ``pipeline_root`` (for debugging;
+            by default only the cached stages' outputs stay).
+
+    Returns:
+        The summary dict (also written to ``<run folder>/summary.json``), with ``run_dir`` (the
+        absolute run folder) and ``pipeline`` (``root``, ``run``, ``image``, ``wall_seconds``,
+        ``task_seconds`` per stage, ``cached`` stages, ``arguments``).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not empty.
+        RuntimeError: a task failed (its log is above, in the streamed output; its outputs stay
+            under ``pipeline_root``).
+    """
+    run_dir = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_DIR / _utc_stamp()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"Run folder already exists and is not empty: {run_dir}")
+    root = Path(pipeline_root if pipeline_root is not None else DEFAULT_PIPELINE_ROOT).resolve()
+    if "://" not in source:
+        source = str(Path(source).resolve())
+    image = image or DEFAULT_IMAGE
+    arguments = {**pipeline_arguments(config), "source": source}
+
+    hide_docker_folder()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        enable_caching=True,
+        raise_on_error=True,
+    )
+    tracker = _Tracker(progress)
+    started = time.monotonic()
+    with _watching(tracker):
+        try:
+            task = build_pipeline(image, gpus=0, retries=0)(**arguments)
+        except RuntimeError as err:
+            message = _ANSI.sub("", str(err))
+            raise RuntimeError(f"{message} Task outputs are under {root}.") from None
+    wall = time.monotonic() - started
+
+    run_artifact = task.output
+    kfp_run = Path(run_artifact.path).parents[1]
+    with storage.atomic_dir(run_dir) as tmp:
+        shutil.copytree(run_artifact.path, tmp, dirs_exist_ok=True)
+    summary = storage.read_json(run_dir / "summary.json")
+    summary["run_dir"] = str(run_dir.resolve())
+    summary["pipeline"] = {
+        "runner": "kfp.local.SubprocessRunner(use_venv=False)",
+        "root": str(root),
+        "run": kfp_run.name,
+        "image": image,
+        "wall_seconds": round(wall, 1),
+        "task_seconds": tracker.seconds,
+        "cached": sorted(set(tracker.cached)),
+        "arguments": arguments,
+    }
+    storage.atomic_write_json(run_dir / "summary.json", summary)
+    if not keep_task_outputs:
+        _prune_task_outputs(kfp_run)
+    return summary
+
+
+def _prune_task_outputs(kfp_run: Path) -> None:
+    """Delete a finished run's task folders, except those the kfp.local cache may point to."""
+    keep = {stage.replace("_", "-") for stage in CACHED_STAGES}
+    for child in kfp_run.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink()
+    with contextlib.suppress(OSError):
+        kfp_run.rmdir()  # only succeeds when nothing was kept

@@ -1,0 +1,294 @@
+"""The cycleprune pipeline: the task graph and its cluster settings.
+
+::
+
+    configure -> prepare_data -> find_lr -> train -> compress -> evaluate -----+
+                                              |                              |
+                                              +-> ParallelFor(sparsities):   v
+                                                  prune -> compress -> evaluate
+                                                                             |
+                                                        report <- select_model
+
+Cluster settings (applied at compile time; ``kfp.local`` ignores them):
+
+- ``find_lr``, ``train``, ``prune`` and ``evaluate`` request ``gpus`` accelerators of type
+  ``nvidia.com/gpu`` and tolerate the ``nvidia.com/gpu`` taint that GPU node pools usually carry.
+  ``gpus`` is a compile-time option (0 = CPU only, no toleration), not a pipeline parameter: KFP
+  2.17 accepts a parameter in ``set_accelerator_limit`` but does not pass it into the
+  ``ParallelFor`` sub-DAG, so the ``prune`` and loop ``evaluate`` tasks would reference an input
+  their DAG does not have;
+- every task has CPU and memory requests and limits (:data:`RESOURCES`);
+- ``train`` and ``prune`` are retried (:data:`RETRIES`, exponential back-off). With a
+  ``checkpoint_root`` a retry resumes from the last finished epoch;
+- caching: only ``configure`` and ``prepare_data`` are cached. Both are deterministic functions
+  of their inputs, and ``prepare_data``'s inputs are the source and the data settings only, so a
+  run that changes ``epochs`` reuses the prepared dataset. The training stages are not cached: a
+  new run is a request for a new model (GPU training is not bit-reproducible), and everything
+  after ``train`` consumes its fresh artifacts anyway.
+
+Data flow: the configuration and the LR bounds travel as small JSON artifacts (``configure``'s
+``config``, ``find_lr``'s ``lr_finder``). Into the ``ParallelFor`` only artifacts and pipeline
+parameters go: kfp.local 2.17 replaces a task-output *parameter* consumed inside a loop with the
+loop item.
+"""
+
+import functools
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact
+
+from components._base import DEFAULT_IMAGE
+from components.compress import compress
+from components.configure import configure
+from components.evaluate import evaluate
+from components.find_lr import find_lr
+from components.prepare_data import prepare_data
+from components.prune import prune
+from components.report import report
+from components.select_model import select_model
+from components.train import train
+
+PIPELINE_NAME = "cycleprune"
+# Where the project image keeps the bundled PneumoniaMNIST (the repository lives in /app).
+DEFAULT_SOURCE = "/app/data/pneumoniamnist.npz"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_STAGES = ("find_lr", "train", "prune", "evaluate")
+CACHED_STAGES = ("configure", "prepare_data")
+RETRIES = 2
+RETRY_BACKOFF = "60s"
+# (cpu request, cpu limit, memory request, memory limit) per stage.
+RESOURCES = {
+    "configure": ("250m", "1", "512Mi", "1Gi"),
+    "prepare_data": ("1", "4", "4Gi", "8Gi"),
+    "find_lr": ("4", "8", "16Gi", "32Gi"),
+    "train": ("4", "8", "16Gi", "32Gi"),
+    "prune": ("4", "8", "16Gi", "32Gi"),
+    "compress": ("2", "4", "8Gi", "16Gi"),
+    "evaluate": ("2", "8", "8Gi", "16Gi"),
+    "select_model": ("500m", "1", "1Gi", "2Gi"),
+    "report": ("1", "2", "2Gi", "4Gi"),
+}
+
+
+def _settle(
+    task: dsl.PipelineTask, stage: str, image: str, gpus: int, retries: int
+) -> dsl.PipelineTask:
+    """Apply the stage's image, caching, resources, accelerator, toleration and retry policy."""
+    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
+    task.set_container_image(image)
+    task.set_caching_options(enable_caching=stage in CACHED_STAGES)
+    task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory_request).set_memory_limit(memory_limit)
+    if stage in GPU_STAGES and gpus:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    if stage in ("train", "prune") and retries:
+        task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = RETRIES):
+    """Build the pipeline with every task running ``image``.
+
+    Args:
+        image: Container image of every component (the project image: TensorFlow, kfp and
+            cycleprune installed).
+        gpus: GPUs requested by each GPU stage (0 = run everything on CPU).
+        retries: Retries of ``train`` and ``prune`` (``kfp.local`` honours them too).
+
+    Returns:
+        The ``@dsl.pipeline`` graph component (compile it, or call it under ``kfp.local``).
+
+    Raises:
+        ValueError: a negative ``gpus`` or ``retries``.
+    """
+    if gpus < 0 or retries < 0:
+        raise ValueError(
+            f"Arguments `gpus` and `retries` must be >= 0. Received: gpus={gpus}, retries={retries}"
+        )
+
+    @dsl.pipeline(name=PIPELINE_NAME)
+    def cycleprune_pipeline(
+        source: str = DEFAULT_SOURCE,
+        preset: str = "seed",
+        class_names: list = ["normal", "pneumonia"],  # noqa: B006 (KFP reads the default)
+        batch_size: int = 32,
+        augment: bool = True,
+        class_weight: str = "[1.0, 0.33]",
+        seed: int = 42,
+        width: float = 1.0,
+        min_lr: float = 0.0,
+        max_lr: float = 0.0,
+        lr_policy: str = "triangular",
+        step_size_epochs: float = 4.0,
+        epochs: int = 32,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        loss: str = "focal",
+        focal_gamma: float = 2.0,
+        focal_alpha: float = 0.25,
+        sparsities: list = [0.5, 0.75, 0.9],  # noqa: B006 (KFP reads the default)
+        prune_epochs: int = 8,
+        prune_end_epoch: int = 0,
+        prune_frequency: int = 100,
+        extra_config: str = "",
+        checkpoint_root: str = "",
+    ) -> Artifact:
+        """LR range test, cyclical-LR training, magnitude pruning and compression of a compact
+        image classifier; the smallest model that keeps the dense model's validation AUC and
+        sensitivity is selected. Defaults: the original article (VGG, PneumoniaMNIST).
+
+        Args:
+            source: Dataset: a .npz (MedMNIST layout), an image-folder root
+                (<root>/<split>/<class>/*.png) or a prepared dataset folder, as a path in the
+                container (default: the bundled PneumoniaMNIST).
+            preset: Base configuration for every field not set here: seed (the article), small
+                or smoke.
+            class_names: Names of the label indices of a .npz source (ignored for image
+                folders, whose class folders name them); [] = the file's own names or class_0,
+                class_1, ...
+            batch_size: Global batch size.
+            augment: Random shifts, rotations and zooms of training images.
+            class_weight: Per-class loss weights: balanced (n / (k * n_c)), none, or a list by
+                class index such as [1.0, 0.33] (the article).
+            seed: Seed of the data split, shuffling, augmentation and weight initialisation.
+            width: Width multiplier of the VGG network (1.0 = 64..512 filters).
+            min_lr: Lower CLR bound; 0 = the LR range test's suggestion.
+            max_lr: Upper CLR bound; 0 = the LR range test's suggestion.
+            lr_policy: CLR policy: triangular, triangular2 or exp_range.
+            step_size_epochs: CLR half-cycle in epochs (the article: 4).
+            epochs: Training epochs, rounded up to whole CLR cycles.
+            optimizer: sgd (with momentum) or adam.
+            momentum: SGD momentum.
+            loss: focal or crossentropy.
+            focal_gamma: Focal loss focusing parameter gamma.
+            focal_alpha: Focal loss balance parameter alpha.
+            sparsities: Target sparsities; one prune -> compress -> evaluate branch each.
+            prune_epochs: Fine-tuning epochs while pruning.
+            prune_end_epoch: Epoch at which the sparsity ramp reaches its target; 0 = the last
+                fine-tuning epoch.
+            prune_frequency: Prune every this many steps.
+            extra_config: YAML or JSON sections for any other config field, applied last, e.g.
+                {evaluate: {threshold_rule: f1}, compress: {quantizations: [int8]}}.
+            checkpoint_root: Folder every attempt can reach (a mounted volume or bucket) for
+                train/prune checkpoints, so a retry resumes; empty = inside the pod.
+        """
+        stage = functools.partial(_settle, image=image, gpus=gpus, retries=retries)
+        config_task = stage(
+            configure(
+                preset=preset,
+                class_names=class_names,
+                batch_size=batch_size,
+                augment=augment,
+                class_weight=class_weight,
+                seed=seed,
+                width=width,
+                min_lr=min_lr,
+                max_lr=max_lr,
+                lr_policy=lr_policy,
+                step_size_epochs=step_size_epochs,
+                epochs=epochs,
+                optimizer=optimizer,
+                momentum=momentum,
+                loss=loss,
+                focal_gamma=focal_gamma,
+                focal_alpha=focal_alpha,
+                sparsities=sparsities,
+                prune_epochs=prune_epochs,
+                prune_end_epoch=prune_end_epoch,
+                prune_frequency=prune_frequency,
+                extra_config=extra_config,
+            ),
+            "configure",
+        )
+        config = config_task.outputs["config"]
+        data_task = stage(
+            prepare_data(source=source, data_config=config_task.outputs["data_config"]),
+            "prepare_data",
+        )
+        dataset = data_task.outputs["dataset"]
+        lr_finder = stage(find_lr(dataset=dataset, config=config), "find_lr").outputs["lr_finder"]
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        train_task = stage(
+            train(
+                dataset=dataset,
+                config=config,
+                lr_finder=lr_finder,
+                checkpoint_root=checkpoint_root,
+                run_id=run_id,
+            ),
+            "train",
+        )
+        dense_models = stage(
+            compress(
+                model=train_task.outputs["model"],
+                dataset=dataset,
+                config=config,
+                target_sparsity=0.0,
+            ),
+            "compress",
+        ).outputs["models"]
+        dense_evaluation = stage(
+            evaluate(models=dense_models, dataset=dataset, config=config, target_sparsity=0.0),
+            "evaluate",
+        ).outputs["evaluation"]
+
+        with dsl.ParallelFor(sparsities) as sparsity:
+            prune_task = stage(
+                prune(
+                    model=train_task.outputs["model"],
+                    dataset=dataset,
+                    config=config,
+                    sparsity=sparsity,
+                    lr_finder=lr_finder,
+                    checkpoint_root=checkpoint_root,
+                    run_id=run_id,
+                ),
+                "prune",
+            )
+            pruned_models = stage(
+                compress(
+                    model=prune_task.outputs["pruned"],
+                    dataset=dataset,
+                    config=config,
+                    target_sparsity=sparsity,
+                ),
+                "compress",
+            ).outputs["models"]
+            pruned_evaluation = stage(
+                evaluate(
+                    models=pruned_models, dataset=dataset, config=config, target_sparsity=sparsity
+                ),
+                "evaluate",
+            ).outputs["evaluation"]
+
+        select_task = stage(
+            select_model(
+                dense_evaluation=dense_evaluation,
+                pruned_evaluations=dsl.Collected(pruned_evaluation),
+                dense_models=dense_models,
+                pruned_models=dsl.Collected(pruned_models),
+                config=config,
+            ),
+            "select_model",
+        )
+        report_task = stage(
+            report(
+                config=config,
+                dataset_info=data_task.outputs["info"],
+                lr_finder=lr_finder,
+                train_history=train_task.outputs["history"],
+                train_tensorboard=train_task.outputs["tensorboard"],
+                prune_histories=dsl.Collected(prune_task.outputs["history"]),
+                prune_tensorboards=dsl.Collected(prune_task.outputs["tensorboard"]),
+                dense_evaluation=dense_evaluation,
+                pruned_evaluations=dsl.Collected(pruned_evaluation),
+                dense_models=dense_models,
+                pruned_models=dsl.Collected(pruned_models),
+                selection=select_task.outputs["selection"],
+            ),
+            "report",
+        )
+        return report_task.outputs["run"]
+
+    return cycleprune_pipeline

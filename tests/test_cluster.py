@@ -1,0 +1,482 @@
+"""pipelines.cluster against a local stand-in of the KFP v2beta1 REST API.
+
+The real ``kfp.Client`` talks HTTP to a tiny server on 127.0.0.1 (random port, one thread, stopped
+after each test); the tests assert the requests it sent and the errors users see.
+"""
+
+import argparse
+import contextlib
+import http.server
+import json
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cycleprune import __version__
+from pipelines import cluster
+
+API = "/apis/v2beta1"
+
+
+class FakeKFP(http.server.BaseHTTPRequestHandler):
+    """Answers the endpoints kfp.Client uses; every request is appended to ``server.log``."""
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        entry = {
+            "method": method,
+            "path": url.path,
+            "query": query,
+            "raw": raw,
+            "auth": self.headers.get("Authorization"),
+        }
+        if raw and self.headers.get("Content-Type", "").startswith("application/json"):
+            entry["json"] = json.loads(raw)
+        state = self.server.state
+        state["log"].append(entry)
+        denied = state["deny"].get((method, url.path)) or state["deny"].get(("*", "*"))
+        if denied:
+            self._reply(denied, {"message": "denied by the stand-in", "code": 7})
+            return
+        self._reply(200, route(state, method, url.path, query, entry.get("json")))
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+
+def _named(items: list[dict[str, Any]], query: dict[str, list[str]]) -> list[dict[str, Any]]:
+    if "filter" not in query:
+        return items
+    (predicate,) = json.loads(query["filter"][0])["predicates"]
+    return [i for i in items if i["display_name"] == predicate["stringValue"]]
+
+
+def route(state: dict, method: str, path: str, query: dict, body: Any) -> dict[str, Any]:
+    pipelines, versions = state["pipelines"], state["versions"]
+    if path == f"{API}/healthz":
+        return {"multi_user": state["multi_user"], "pipeline_store": "database"}
+    if path == f"{API}/pipelines" and method == "GET":
+        return {"pipelines": _named(pipelines, query), "total_size": len(pipelines)}
+    if path == f"{API}/pipelines" and method == "POST":
+        pipeline = {**body, "pipeline_id": f"p-{len(pipelines) + 1}"}
+        pipelines.append(pipeline)
+        return pipeline
+    if path == f"{API}/pipelines/upload_version":
+        version = {
+            "pipeline_id": query["pipelineid"][0],
+            "display_name": query["name"][0],
+            "pipeline_version_id": f"v-{len(versions) + 1}",
+        }
+        versions.append(version)
+        return version
+    if path.startswith(f"{API}/pipelines/") and path.endswith("/versions"):
+        pid = path.split("/")[-2]
+        mine = [v for v in versions if v["pipeline_id"] == pid]
+        if query.get("sort_by") == ["created_at desc"]:
+            mine = mine[::-1]
+        return {"pipeline_versions": _named(mine, query)}
+    if path == f"{API}/experiments" and method == "GET":
+        found = _named(state["experiments"], query)
+        return {"experiments": found} if found else {}
+    if path == f"{API}/experiments" and method == "POST":
+        experiment = {**body, "experiment_id": "e-1"}
+        state["experiments"].append(experiment)
+        return experiment
+    if path == f"{API}/runs" and method == "POST":
+        return {**body, "run_id": "r-1", "state": "PENDING"}
+    if path == f"{API}/runs/r-1":
+        return {"run_id": "r-1", "state": state["run_state"]}
+    if path == f"{API}/recurringruns" and method == "POST":
+        return {**body, "recurring_run_id": "rr-1"}
+    raise AssertionError(f"stand-in has no route for {method} {path}")
+
+
+@contextlib.contextmanager
+def serve(**state: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), FakeKFP)
+    server.timeout = 5
+    server.state = {
+        "log": [],
+        "deny": {},
+        "multi_user": False,
+        "pipelines": [],
+        "versions": [],
+        "experiments": [],
+        "run_state": "SUCCEEDED",
+        **state,
+    }
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> str:
+    """A real compiled pipeline with parameters ``epochs`` and ``preset``.
+
+    (This module has no ``from __future__ import annotations``: kfp reads the real annotations.)
+    """
+    from kfp import compiler, dsl
+
+    @dsl.component(base_image="python:3.11")
+    def echo(epochs: int, preset: str) -> str:
+        return f"{preset}:{epochs}"
+
+    @dsl.pipeline(name="tiny")
+    def tiny(epochs: int = 1, preset: str = "smoke"):
+        echo(epochs=epochs, preset=preset)
+
+    path = tmp_path_factory.mktemp("compiled") / "tiny.yaml"
+    compiler.Compiler().compile(tiny, str(path))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def isolated_kfp(tmp_path, monkeypatch):
+    """No developer context file, no token, no endpoint variables leak into a test."""
+    import kfp
+
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "context.json"))
+    monkeypatch.setenv(cluster.TOKEN_PATH_ENV, str(tmp_path / "no-token"))
+    for name in (cluster.HOST_ENV, cluster.UI_HOST_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _spec_of(package: str) -> dict[str, Any]:
+    import yaml
+
+    with open(package) as f:
+        return yaml.safe_load(f)
+
+
+def _stored(package: str) -> dict[str, Any]:
+    """Server state holding pipeline ``tiny`` with versions v1 (older) and v2."""
+    spec = _spec_of(package)
+    return {
+        "pipelines": [{"pipeline_id": "p-1", "display_name": "tiny"}],
+        "versions": [
+            {
+                "pipeline_id": "p-1",
+                "pipeline_version_id": "v-1",
+                "display_name": "v1",
+                "pipeline_spec": spec,
+            },
+            {
+                "pipeline_id": "p-1",
+                "pipeline_version_id": "v-2",
+                "display_name": "v2",
+                "pipeline_spec": spec,
+            },
+        ],
+    }
+
+
+def _posts(state: dict, path: str) -> list[dict[str, Any]]:
+    return [e for e in state["log"] if e["method"] == "POST" and e["path"] == f"{API}{path}"]
+
+
+def test_upload_creates_the_pipeline_then_uploads_the_named_version(package, capsys):
+    with serve() as (host, state):
+        result = cluster.upload_pipeline(host, package, name="tiny", version="v7", description="d")
+    (create,) = _posts(state, "/pipelines")
+    assert create["json"] == {"name": "tiny", "display_name": "tiny", "description": "d"}
+    (upload,) = _posts(state, "/pipelines/upload_version")
+    assert upload["query"]["name"] == ["v7"]
+    assert upload["query"]["pipelineid"] == ["p-1"]
+    assert b'name="uploadfile"' in upload["raw"]
+    assert b"pipelineInfo" in upload["raw"]  # the package itself went up
+    assert result == {
+        "pipeline_id": "p-1",
+        "version_id": "v-1",
+        "version": "v7",
+        "link": f"{host}/#/pipelines/details/p-1/version/v-1",
+    }
+    assert result["link"] in capsys.readouterr().out
+
+
+def test_upload_to_an_existing_pipeline_only_adds_a_version(package):
+    with serve(**_stored(package)) as (host, state):
+        result = cluster.upload_pipeline(host, package, name="tiny")
+    assert _posts(state, "/pipelines") == []
+    (upload,) = _posts(state, "/pipelines/upload_version")
+    assert upload["query"]["pipelineid"] == ["p-1"]
+    assert re.fullmatch(rf"v{re.escape(__version__)}-\d{{8}}-\d{{6}}", result["version"])
+    assert result["version"] == upload["query"]["name"][0]
+
+
+def test_submit_runs_the_named_version_with_parameters(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        result = cluster.submit_run(
+            host,
+            pipeline_name="tiny",
+            version="v1",
+            params={"epochs": 3},
+            experiment="nightly",
+            run_name="r",
+            service_account="runner-sa",
+            pipeline_root="gs://bucket/root",
+            ui_host="http://ui.example",
+        )
+    (experiment,) = _posts(state, "/experiments")
+    assert experiment["json"]["display_name"] == "nightly"
+    (run,) = _posts(state, "/runs")
+    body = run["json"]
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": "p-1",
+        "pipeline_version_id": "v-1",
+    }
+    assert body["runtime_config"] == {
+        "parameters": {"epochs": 3},
+        "pipeline_root": "gs://bucket/root",
+    }
+    assert body["experiment_id"] == "e-1"
+    assert body["display_name"] == "r"
+    assert body["service_account"] == "runner-sa"
+    assert result["state"] == "PENDING"
+    assert result["link"] == "http://ui.example/#/runs/details/r-1"
+    out = capsys.readouterr().out
+    assert "PENDING" in out and result["link"] in out
+    assert "Experiment details" not in out  # kfp's own chatter is swallowed
+
+
+def test_submit_defaults_to_the_newest_version_and_waits(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        result = cluster.submit_run(host, pipeline_name="tiny", wait=True, timeout=30)
+    (run,) = _posts(state, "/runs")
+    assert run["json"]["pipeline_version_reference"]["pipeline_version_id"] == "v-2"
+    assert any(e["path"] == f"{API}/runs/r-1" for e in state["log"])
+    assert result["state"] == "SUCCEEDED"
+    assert "finished: SUCCEEDED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("final", ["FAILED", "CANCELED"])
+def test_submit_wait_returns_any_final_state(package, final):
+    with serve(run_state=final, **_stored(package)) as (host, _):
+        assert cluster.submit_run(host, pipeline_name="tiny", wait=True)["state"] == final
+
+
+def test_submit_wait_gives_up_after_the_timeout(package, monkeypatch):
+    monkeypatch.setattr(cluster, "POLL_SECONDS", 0.05)
+    started = time.monotonic()
+    running = serve(run_state="RUNNING", **_stored(package))
+    late = pytest.raises(
+        cluster.ClusterError, match=r"did not finish within 0 s \(last state RUNNING"
+    )
+    with running as (host, state), late as err:
+        cluster.submit_run(host, pipeline_name="tiny", wait=True, timeout=0.3)
+    assert host in str(err.value) and "#/runs/details/r-1" in str(err.value)
+    assert time.monotonic() - started < 5
+    assert sum(e["path"] == f"{API}/runs/r-1" for e in state["log"]) >= 2
+
+
+def test_submit_a_local_package_sends_its_spec(package):
+    with serve() as (host, state):
+        cluster.submit_run(host, package_path=package, params={"preset": "small"})
+    (run,) = _posts(state, "/runs")
+    assert run["json"]["pipeline_spec"]["pipelineInfo"]["name"] == "tiny"
+    assert "pipeline_version_reference" not in run["json"]
+    assert run["json"]["runtime_config"]["parameters"] == {"preset": "small"}
+
+
+def test_submit_rejects_unknown_parameters_before_creating_a_run(package):
+    unknown = r"Unknown pipeline parameter\(s\).*: epoch\. Known: epochs, preset"
+    with serve(**_stored(package)) as (host, state), pytest.raises(ValueError, match=unknown):
+        cluster.submit_run(host, pipeline_name="tiny", params={"epoch": 3})
+    assert _posts(state, "/runs") == []
+
+
+def test_submit_a_missing_pipeline_says_how_to_upload(package):
+    with serve() as (host, _), pytest.raises(cluster.ClusterError) as err:
+        cluster.submit_run(host, pipeline_name="nope")
+    assert host in str(err.value) and "upload" in str(err.value)
+
+
+def test_submit_needs_exactly_one_source(package):
+    with pytest.raises(ValueError, match="exactly one"):
+        cluster.submit_run("http://127.0.0.1:1", pipeline_name="a", package_path=package)
+    with pytest.raises(ValueError, match="exactly one"):
+        cluster.submit_run("http://127.0.0.1:1")
+
+
+def test_schedule_sends_cron_concurrency_and_no_catchup(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        result = cluster.schedule_run(
+            host, cron="0 0 3 * * 1", pipeline_name="tiny", version="v2", params={"preset": "seed"}
+        )
+    (recurring,) = _posts(state, "/recurringruns")
+    body = recurring["json"]
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * 1"}}
+    assert int(body["max_concurrency"]) == 1
+    assert body["no_catchup"] is True
+    assert body["mode"] == "ENABLE"
+    assert body["pipeline_version_reference"]["pipeline_version_id"] == "v-2"
+    assert body["runtime_config"]["parameters"] == {"preset": "seed"}
+    assert body["display_name"] == "tiny-v2-schedule"
+    assert result["recurring_run_id"] == "rr-1"
+    assert "catch-up off" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cron": "0 3 * * 1"}, "6 fields"),
+        ({"cron": "0 0 3 * * 1", "max_concurrency": 0}, "max_concurrency"),
+    ],
+)
+def test_schedule_validates_before_connecting(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cluster.schedule_run("http://127.0.0.1:1", pipeline_name="tiny", **kwargs)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_host_fails_fast_with_the_host_in_the_message():
+    host = f"http://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    with pytest.raises(cluster.ClusterError, match="Cannot reach the KFP API") as err:
+        cluster.submit_run(host, pipeline_name="tiny")
+    assert host in str(err.value)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_are_reported_with_host_and_status(status):
+    with serve(deny={("*", "*"): status}) as (host, _), pytest.raises(cluster.ClusterError) as err:
+        cluster.connect(host)
+    assert host in str(err.value)
+    assert f"HTTP {status}" in str(err.value)
+    assert "denied by the stand-in" in str(err.value)
+
+
+def test_forbidden_run_creation_is_a_cluster_error(package):
+    denied = serve(deny={("POST", f"{API}/runs"): 403}, **_stored(package))
+    with denied as (host, _), pytest.raises(cluster.ClusterError, match="not authorized") as err:
+        cluster.submit_run(host, pipeline_name="tiny")
+    assert host in str(err.value) and "creating run" in str(err.value)
+
+
+def test_multi_user_without_namespace_is_refused_with_advice():
+    with (
+        serve(multi_user=True) as (host, _),
+        pytest.raises(cluster.ClusterError, match="--namespace"),
+    ):
+        cluster.connect(host)
+
+
+def test_service_account_token_is_sent_on_every_request(package, tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    monkeypatch.setenv(cluster.TOKEN_PATH_ENV, str(token))
+    with serve(**_stored(package)) as (host, state):
+        cluster.submit_run(host, pipeline_name="tiny", namespace="team-a")
+    assert state["log"], "no request reached the stand-in"
+    assert {e["auth"] for e in state["log"]} == {"Bearer tok-123"}
+    (experiment,) = _posts(state, "/experiments")
+    assert experiment["json"]["namespace"] == "team-a"
+
+
+@pytest.mark.parametrize("host", ["", "localhost:8080"])
+def test_bad_host_is_a_value_error(host):
+    with pytest.raises(ValueError, match="host"):
+        cluster.connect(host)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cycleprune")
+    cluster.add_cluster_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_submit_and_schedule_end_to_end(package, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: seed\nepochs: 2\n")
+    with serve(**_stored(package)) as (host, state):
+        args = _parser().parse_args(
+            [
+                "submit",
+                "--host",
+                host,
+                "--pipeline",
+                "tiny",
+                "--params-file",
+                str(params),
+                "--param",
+                "epochs=5",
+            ]
+        )
+        assert args.func(args) == 0
+        args = _parser().parse_args(
+            ["schedule", "--host", host, "--pipeline", "tiny", "--cron", "0 30 2 * * *"]
+        )
+        assert args.func(args) == 0
+    (run,) = _posts(state, "/runs")
+    assert run["json"]["runtime_config"]["parameters"] == {"preset": "seed", "epochs": 5}
+    (recurring,) = _posts(state, "/recurringruns")
+    assert recurring["json"]["no_catchup"] is True
+    assert "#/runs/details/r-1" in capsys.readouterr().out
+
+
+def test_cli_upload_names_the_pipeline_after_the_package(package):
+    with serve() as (host, state):
+        args = _parser().parse_args(
+            ["upload", "--host", host, "--package", package, "--version", "v1"]
+        )
+        assert args.func(args) == 0
+    (create,) = _posts(state, "/pipelines")
+    assert create["json"]["name"] == "tiny"
+
+
+def test_cli_reports_cluster_errors_as_one_line(capsys):
+    host = f"http://127.0.0.1:{_closed_port()}"
+    args = _parser().parse_args(["submit", "--host", host, "--pipeline", "tiny"])
+    assert args.func(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot reach the KFP API at " + host)
+    assert "Traceback" not in err
+
+
+def test_parse_params_merges_file_then_assignments(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("sparsities: [0.5, 0.9]\nsource: gs://b/data.npz\n")
+    params = cluster.parse_params(["sparsities=[0.75]", "m_by_n='2:4'", "flag=true"], path)
+    assert params == {
+        "sparsities": [0.75],
+        "source": "gs://b/data.npz",
+        "m_by_n": "2:4",
+        "flag": True,
+    }
+    with pytest.raises(ValueError, match="name=value"):
+        cluster.parse_params(["no-equals"])

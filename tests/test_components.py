@@ -1,0 +1,400 @@
+"""Each component's Python function on tiny real data: artifacts in, artifacts out.
+
+The functions run in this process (``component.python_func``) with KFP artifact objects whose
+URIs point into a temporary folder, chained stage by stage like the pipeline chains them.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+from components.compress import compress
+from components.configure import configure
+from components.evaluate import evaluate
+from components.find_lr import find_lr
+from components.parameters import PARAMETERS, build_config, data_config, pipeline_arguments
+from components.prepare_data import prepare_data
+from components.prune import prune
+from components.report import report
+from components.select_model import select_model
+from components.train import train
+from cycleprune import storage
+from cycleprune.config import CompressConfig, preset
+
+
+@pytest.fixture(scope="module")
+def config():
+    base = preset("smoke")
+    return base.replace(
+        data=dataclasses.replace(base.data, class_names=("normal", "pneumonia")),
+        compress=CompressConfig(quantizations=("dynamic",), saved_model=False),
+    )
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("components")
+
+
+def art(cls, root: Path, task: str, name: str, metadata=None):
+    """An output/input artifact as KFP would hand it over: a URI under the task's folder."""
+    (root / task).mkdir(parents=True, exist_ok=True)
+    return cls(name=name, uri=str(root / task / name), metadata=dict(metadata or {}))
+
+
+def html_images(artifact) -> int:
+    return Path(artifact.path).read_text().count('src="data:image/png;base64,')
+
+
+# --- configure -------------------------------------------------------------------------------
+
+
+def configure_args(config, **changes) -> dict:
+    args = pipeline_arguments(config)
+    args.update(changes)
+    return args
+
+
+def run_configure(tmp_path, config, **changes) -> tuple[dict, str]:
+    """(resolved config dict, data_config string) from the configure component."""
+    output = art(dsl.Artifact, tmp_path, "configure", "config")
+    data = configure.python_func(**configure_args(config, **changes), config=output).data_config
+    return json.loads(Path(output.path).read_text()), data
+
+
+def test_configure_round_trips_a_config(tmp_path, config):
+    resolved, data = run_configure(tmp_path, config)
+    assert resolved == config.to_dict()
+    assert json.loads(data) == data_config(config)
+
+
+def test_configure_applies_preset_then_parameters_then_extra_config(tmp_path, config):
+    resolved, _ = run_configure(
+        tmp_path,
+        config,
+        preset="smoke",
+        epochs=5,
+        class_weight="balanced",
+        seed=7,
+        prune_epochs=3,
+        prune_end_epoch=0,
+        extra_config="evaluate: {threshold_rule: f1}\ntrain: {epochs: 6}",
+    )
+    assert resolved["train"]["epochs"] == 6  # extra_config comes last
+    assert resolved["data"]["class_weight"] == "balanced"
+    assert resolved["data"]["seed"] == resolved["train"]["seed"] == 7
+    assert resolved["prune"]["end_epoch"] == 3  # 0 = all fine-tuning epochs
+    assert resolved["evaluate"]["threshold_rule"] == "f1"
+    assert resolved["data"]["limit"] == 192  # from the preset
+
+
+def test_data_config_ignores_training_settings(tmp_path, config):
+    _, first = run_configure(tmp_path, config)
+    _, changed = run_configure(tmp_path, config, epochs=9, batch_size=8, width=0.5)
+    assert changed == first
+    _, reseeded = run_configure(tmp_path, config, seed=1)
+    assert reseeded != first
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lr_policy": "cosine"}, r"schedule\.policy"),
+        ({"extra_config": "train: {epochz: 3}"}, "epochz"),
+        ({"extra_config": "[1, 2]"}, "extra_config"),
+        ({"extra_config": "prune: {sparsities: [0.3]}"}, "sparsities"),
+        ({"min_lr": 0.1, "max_lr": 0.01}, r"schedule\.min_lr"),
+    ],
+)
+def test_configure_rejects_bad_values(tmp_path, config, changes, message):
+    with pytest.raises(ValueError, match=message):
+        run_configure(tmp_path, config, **changes)
+
+
+def test_every_parameter_sets_its_fields():
+    # smoke differs from seed in most exposed fields: the parameters alone must carry them.
+    target, seed = preset("smoke").to_dict(), preset("seed").to_dict()
+    args = pipeline_arguments(preset("smoke"), preset_name="seed")
+    resolved = build_config("seed", {k: v for k, v in args.items() if k in PARAMETERS}).to_dict()
+    differing = 0
+    for name, fields in PARAMETERS.items():
+        for field in fields:
+            section, key = field.split(".")
+            assert resolved[section][key] == target[section][key], name
+            differing += seed[section][key] != target[section][key]
+    assert differing >= 8
+
+
+# --- the stages, chained ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config_artifact(root, config):
+    artifact = art(dsl.Artifact, root, "configure", "config")
+    Path(artifact.path).write_text(config.to_json())
+    return artifact
+
+
+@pytest.fixture(scope="module")
+def prepared(root, tiny_npz, config):
+    outputs = {
+        "dataset": art(dsl.Dataset, root, "prepare", "dataset"),
+        "info": art(dsl.Artifact, root, "prepare", "info"),
+        "metrics": art(dsl.Metrics, root, "prepare", "metrics"),
+    }
+    prepare_data.python_func(
+        source=str(tiny_npz), data_config=json.dumps(data_config(config)), **outputs
+    )
+    return outputs
+
+
+def test_prepare_data(prepared):
+    info = storage.read_json(prepared["info"].path)
+    assert info["class_names"] == ["normal", "pneumonia"]
+    assert info["seconds"] > 0
+    assert (Path(prepared["dataset"].path) / "dataset.json").is_file()
+    metrics = prepared["metrics"].metadata
+    assert metrics["test_examples"] == sum(info["counts"]["test"].values())
+    assert metrics["train_normal"] + metrics["train_pneumonia"] == metrics["train_examples"]
+    assert prepared["dataset"].metadata["version"] == info["version"]
+
+
+def _find_lr(root, task, prepared, config_artifact) -> dict:
+    outputs = {
+        "lr_finder": art(dsl.Artifact, root, task, "lr_finder"),
+        "plot": art(dsl.HTML, root, task, "plot"),
+        "metrics": art(dsl.Metrics, root, task, "metrics"),
+    }
+    find_lr.python_func(dataset=prepared["dataset"], config=config_artifact, **outputs)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def bounds(root, prepared, config_artifact):
+    return _find_lr(root, "find_lr", prepared, config_artifact)
+
+
+def test_find_lr(bounds):
+    record = storage.read_json(bounds["lr_finder"].path)
+    assert 0 < record["min_lr"] < record["max_lr"]
+    assert record["bounds_from"] == "lr_finder"
+    suggested = (record["suggested_min_lr"], record["suggested_max_lr"])
+    assert (record["min_lr"], record["max_lr"]) == suggested
+    assert len(record["lrs"]) == record["steps"] == len(record["smoothed"])
+    assert html_images(bounds["plot"]) == 1
+    assert bounds["metrics"].metadata["max_lr"] == record["max_lr"]
+    assert bounds["lr_finder"].metadata["bounds_from"] == "lr_finder"
+
+
+def test_find_lr_keeps_configured_bounds(root, prepared, config):
+    given = config.replace(schedule=dataclasses.replace(config.schedule, min_lr=0.002, max_lr=0.02))
+    artifact = art(dsl.Artifact, root, "configure_given", "config")
+    Path(artifact.path).write_text(given.to_json())
+    record = storage.read_json(
+        _find_lr(root, "find_lr_given", prepared, artifact)["lr_finder"].path
+    )
+    assert (record["min_lr"], record["max_lr"]) == (0.002, 0.02)
+    assert record["bounds_from"] == "config"
+
+
+@pytest.fixture(scope="module")
+def trained(root, prepared, bounds, config_artifact):
+    outputs = {
+        name: art(cls, root, "train", name)
+        for name, cls in (("model", dsl.Model), ("history", dsl.Artifact),
+                          ("tensorboard", dsl.Artifact), ("plots", dsl.HTML),
+                          ("metrics", dsl.Metrics))
+    }  # fmt: skip
+    train.python_func(
+        dataset=prepared["dataset"], config=config_artifact, lr_finder=bounds["lr_finder"],
+        checkpoint_root=str(root / "checkpoints"), run_id="run-1", **outputs,
+    )  # fmt: skip
+    return outputs
+
+
+def test_train(trained, root, config):
+    assert (Path(trained["model"].path) / "model.keras").is_file()
+    record = storage.read_json(trained["history"].path)
+    assert (
+        record["history"]["num_epochs"] == len(record["history"]["epochs"]) >= config.train.epochs
+    )
+    assert record["seconds"] > 0 and "auc" in record["val"]
+    assert list(Path(trained["tensorboard"].path).rglob("events.out.tfevents.*"))
+    assert html_images(trained["plots"]) == 2  # CLR schedule, training curves
+    assert trained["metrics"].metadata["epochs"] == record["history"]["num_epochs"]
+    assert "val_auc" in trained["metrics"].metadata
+    # Checkpoints went to <checkpoint_root>/<run_id>/train, where a retry would resume.
+    assert any((root / "checkpoints" / "run-1" / "train").iterdir())
+
+
+@pytest.fixture(scope="module")
+def pruned(root, prepared, bounds, trained, config_artifact):
+    outputs = {
+        name: art(cls, root, "prune", name)
+        for name, cls in (("pruned", dsl.Model), ("history", dsl.Artifact),
+                          ("tensorboard", dsl.Artifact), ("plots", dsl.HTML),
+                          ("metrics", dsl.Metrics))
+    }  # fmt: skip
+    prune.python_func(
+        model=trained["model"], dataset=prepared["dataset"], config=config_artifact,
+        sparsity=0.5, lr_finder=bounds["lr_finder"], checkpoint_root="", run_id="run-1",
+        **outputs,
+    )  # fmt: skip
+    return outputs
+
+
+def test_prune(pruned):
+    record = storage.read_json(pruned["history"].path)
+    assert record["target_sparsity"] == 0.5
+    assert record["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert (Path(pruned["pruned"].path) / "model.keras").is_file()
+    assert pruned["pruned"].metadata["variant"] == "prune_50"
+    assert pruned["tensorboard"].metadata["variant"] == "prune_50"
+    assert list(Path(pruned["tensorboard"].path).rglob("events.out.tfevents.*"))
+    assert html_images(pruned["plots"]) == 3  # sparsity, CLR schedule, curves
+    assert pruned["metrics"].metadata["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def _compress(root, task, model, prepared, config_artifact, target):
+    outputs = {
+        "models": art(dsl.Model, root, task, "models"),
+        "metrics": art(dsl.Metrics, root, task, "metrics"),
+    }
+    compress.python_func(
+        model=model, dataset=prepared["dataset"], config=config_artifact,
+        target_sparsity=target, **outputs,
+    )  # fmt: skip
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def compressed(root, prepared, trained, pruned, config_artifact):
+    dense = _compress(root, "compress_dense", trained["model"], prepared, config_artifact, 0.0)
+    sparse = _compress(root, "compress_50", pruned["pruned"], prepared, config_artifact, 0.5)
+    return {"dense": dense, "prune_50": sparse}
+
+
+def test_compress(compressed):
+    for variant, outputs in compressed.items():
+        folder = Path(outputs["models"].path)
+        assert (folder / "model.keras").is_file() and (folder / "model_dynamic.tflite").is_file()
+        assert not (folder / "saved_model").exists()  # saved_model=False in this config
+        meta = outputs["models"].metadata
+        assert meta["variant"] == variant and meta["formats"] == ["keras", "tflite_dynamic"]
+        assert meta["seconds"] > 0
+        metrics = outputs["metrics"].metadata
+        assert 0 < metrics["tflite_dynamic_gzip_bytes"] < metrics["keras_gzip_bytes"]
+    pruned_size = compressed["prune_50"]["metrics"].metadata["keras_gzip_bytes"]
+    assert pruned_size < compressed["dense"]["metrics"].metadata["keras_gzip_bytes"]
+
+
+def _evaluate(root, task, compressed_outputs, prepared, config_artifact, target):
+    outputs = {
+        name: art(cls, root, task, name)
+        for name, cls in (("evaluation", dsl.Artifact), ("classification",
+                          dsl.ClassificationMetrics), ("plots", dsl.HTML),
+                          ("metrics", dsl.Metrics))
+    }  # fmt: skip
+    evaluate.python_func(
+        models=compressed_outputs["models"], dataset=prepared["dataset"],
+        config=config_artifact, target_sparsity=target, **outputs,
+    )  # fmt: skip
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def evaluated(root, prepared, compressed, config_artifact):
+    dense = _evaluate(root, "evaluate_dense", compressed["dense"], prepared, config_artifact, 0.0)
+    sparse = _evaluate(root, "evaluate_50", compressed["prune_50"], prepared, config_artifact, 0.5)
+    return {"dense": dense, "prune_50": sparse}
+
+
+def test_evaluate(evaluated, prepared):
+    info = storage.read_json(prepared["info"].path)
+    test_size = sum(info["counts"]["test"].values())
+    for variant, outputs in evaluated.items():
+        record = storage.read_json(outputs["evaluation"].path)
+        assert record["target_sparsity"] == (0.0 if variant == "dense" else 0.5)
+        assert [m["format"] for m in record["models"]] == ["keras", "tflite_dynamic"]
+        matrix = outputs["classification"].metadata["confusionMatrix"]
+        assert [a["displayName"] for a in matrix["annotationSpecs"]] == ["normal", "pneumonia"]
+        rows = [r["row"] for r in matrix["rows"]]
+        assert len(rows) == 2 and all(len(r) == 2 for r in rows)
+        assert sum(map(sum, rows)) == test_size
+        roc = outputs["classification"].metadata["confidenceMetrics"]
+        assert roc and all(0 <= p["confidenceThreshold"] <= 1 for p in roc)
+        assert "keras_test_accuracy" in outputs["metrics"].metadata
+        assert html_images(outputs["plots"]) == 5  # confusion + ROC per model, size/accuracy
+
+
+@pytest.fixture(scope="module")
+def selected(root, evaluated, compressed, config_artifact):
+    outputs = {
+        "model": art(dsl.Model, root, "select", "model"),
+        "selection": art(dsl.Artifact, root, "select", "selection"),
+        "metrics": art(dsl.Metrics, root, "select", "metrics"),
+    }
+    result = select_model.python_func(
+        dense_evaluation=evaluated["dense"]["evaluation"],
+        pruned_evaluations=[evaluated["prune_50"]["evaluation"]],
+        dense_models=compressed["dense"]["models"],
+        pruned_models=[compressed["prune_50"]["models"]],
+        config=config_artifact,
+        **outputs,
+    )
+    return result, outputs
+
+
+def test_select_model(selected, evaluated):
+    from cycleprune.selection import collect_entries, select_model
+
+    result, outputs = selected
+    records = [storage.read_json(evaluated[v]["evaluation"].path) for v in ("dense", "prune_50")]
+    expected = select_model(collect_entries(records), preset("smoke").select)
+    assert (result.name, result.format) == (expected.name, expected.format)
+    record = storage.read_json(outputs["selection"].path)
+    assert record["name"] == expected.name and record["reason"]
+    deployed = Path(outputs["model"].path) / Path(expected.path).name
+    assert deployed.is_file()
+    assert outputs["model"].metadata["name"] == expected.name
+
+
+def test_report(
+    root, config_artifact, prepared, bounds, trained, pruned, compressed, evaluated, selected
+):
+    _, selection = selected
+    run = art(dsl.Artifact, root, "report", "run")
+    page = art(dsl.HTML, root, "report", "html")
+    report.python_func(
+        config=config_artifact,
+        dataset_info=prepared["info"],
+        lr_finder=bounds["lr_finder"],
+        train_history=trained["history"],
+        train_tensorboard=trained["tensorboard"],
+        prune_histories=[pruned["history"]],
+        prune_tensorboards=[pruned["tensorboard"]],
+        dense_evaluation=evaluated["dense"]["evaluation"],
+        pruned_evaluations=[evaluated["prune_50"]["evaluation"]],
+        dense_models=compressed["dense"]["models"],
+        pruned_models=[compressed["prune_50"]["models"]],
+        selection=selection["selection"],
+        run=run,
+        html=page,
+    )
+    folder = Path(run.path)
+    summary = storage.read_json(folder / "summary.json")
+    assert summary["selected"] == storage.read_json(selection["selection"].path)["name"]
+    assert [m["name"] for m in summary["models"]] == [
+        "dense/keras", "dense/tflite_dynamic", "prune_50/keras", "prune_50/tflite_dynamic",
+    ]  # fmt: skip
+    for entry in summary["models"]:
+        assert (folder / entry["path"]).is_file()
+    for stage in ("prepare_data", "find_lr", "train", "select_model"):
+        assert summary["seconds"][stage] > 0, stage
+    assert set(summary["seconds"]["compress"]) == {"dense", "prune_50"}
+    assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == ["prune_50", "train"]
+    assert Path(page.path).read_text() == (folder / "report.html").read_text()
+    assert run.metadata["selected"] == summary["selected"]

@@ -1,0 +1,184 @@
+"""The pipeline under kfp.local: caching of the data stage, and the whole smoke run end to end."""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kfp import dsl, local
+
+from components._base import DEFAULT_IMAGE
+from components.configure import configure
+from components.parameters import pipeline_arguments
+from components.prepare_data import prepare_data
+from cycleprune import storage
+from cycleprune.config import preset
+from pipelines import local as local_run
+from pipelines.pipeline import _settle
+
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "pneumoniamnist.npz"
+
+
+def smoke_config(**train_changes):
+    config = preset("smoke")
+    return config.replace(
+        data=dataclasses.replace(config.data, class_names=("normal", "pneumonia")),
+        train=dataclasses.replace(config.train, **train_changes),
+    )
+
+
+def _prepare_only(config, source: str):
+    """configure -> prepare_data with the real components and the real task settings."""
+    arguments = pipeline_arguments(config)
+
+    @dsl.pipeline(name="prepare-only")
+    def prepare_only() -> dsl.Dataset:
+        settle = {"image": DEFAULT_IMAGE, "gpus": 0, "retries": 0}
+        configured = _settle(configure(**arguments), "configure", **settle)
+        prepared = _settle(
+            prepare_data(source=source, data_config=configured.outputs["data_config"]),
+            "prepare_data",
+            **settle,
+        )
+        return prepared.outputs["dataset"]
+
+    return prepare_only
+
+
+# kfp.local's notes that the image and the resources have no effect in a subprocess: true.
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:Task .* have no effect:UserWarning")
+def test_prepare_data_stays_cached_when_training_settings_change(tmp_path, tiny_npz, caplog):
+    local_run.hide_docker_folder()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        enable_caching=True,
+    )
+    caplog.set_level(logging.INFO)
+    first = _prepare_only(smoke_config(epochs=2), str(tiny_npz))().output
+    assert (Path(first.path) / "dataset.json").is_file()
+    longer = _prepare_only(smoke_config(epochs=5, optimizer="adam"), str(tiny_npz))().output
+    assert longer.uri == first.uri  # served from the cache: same artifact
+    assert "Task prepare-data cache hit" in caplog.text
+    reseeded = smoke_config()
+    reseeded = reseeded.replace(data=dataclasses.replace(reseeded.data, seed=1))
+    other = _prepare_only(reseeded, str(tiny_npz))().output
+    assert other.uri != first.uri  # a data setting changed: prepared again
+
+
+def test_tracker_reads_kfp_local_logs():
+    lines = []
+    tracker = local_run._Tracker(lines.append)
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("root", logging.INFO, __file__, 1, message, None, None)
+
+    tracker.filter(record("Executing task \x1b[96m'compress-2'\x1b[0m"))
+    tracker.filter(record("Task \x1b[96m'compress-2'\x1b[0m finished with status \x1b[92mSUCCESS"))
+    tracker.filter(record("Task prepare-data cache hit (key=0123456789ab); skipping execution."))
+    assert list(tracker.seconds) == ["compress"] and len(tracker.seconds["compress"]) == 1
+    assert tracker.cached == ["prepare_data"]
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "compress: started",
+        f"compress: success ({tracker.seconds['compress'][0]:.1f} s)",
+        "prepare_data: cached, reusing its outputs",
+    ]
+
+
+def test_run_local_refuses_a_non_empty_run_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not empty"):
+        local_run.run_local(smoke_config(), source=str(BUNDLED), out_dir=tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    from cycleprune import evaluation, models
+
+    config = smoke_config()
+    lines = []
+    run_dir = tmp_path / "runs" / "smoke"
+    root = tmp_path / "kfp-root"
+    summary = local_run.run_local(
+        config,
+        source=str(BUNDLED),
+        out_dir=run_dir,
+        pipeline_root=root,
+        progress=lines.append,
+        keep_task_outputs=True,
+    )
+
+    # Every task ran and succeeded (kfp.local raises otherwise); nothing was cached yet.
+    pipeline = summary["pipeline"]
+    assert pipeline["cached"] == []
+    expected_runs = {
+        "configure": 1, "prepare_data": 1, "find_lr": 1, "train": 1, "prune": 2, "compress": 3,
+        "evaluate": 3, "select_model": 1, "report": 1,
+    }  # fmt: skip
+    assert {k: len(v) for k, v in pipeline["task_seconds"].items()} == expected_runs
+    assert sum("success" in line for line in lines) == sum(expected_runs.values())
+
+    # summary.json: the returned dict, with every field of the contract.
+    assert storage.read_json(run_dir / "summary.json") == json.loads(json.dumps(summary))
+    assert summary["run_dir"] == str(run_dir.resolve())
+    counts = summary["dataset"]["counts"]
+    assert set(counts) == {"train", "val", "test"}
+    assert all(set(c) == {"normal", "pneumonia"} for c in counts.values())
+    test_size = summary["dataset"]["examples"]["test"]
+    assert 0 < test_size <= config.data.limit
+    lr = summary["lr_finder"]
+    assert 0 < lr["min_lr"] < lr["max_lr"] and lr["bounds_from"] == "lr_finder"
+    assert summary["training"]["min_lr"] == lr["min_lr"]
+    assert [p["variant"] for p in summary["pruning"]] == ["prune_50", "prune_75"]
+    formats = ["keras", "tflite_float32", "tflite_dynamic", "tflite_int8"]
+    assert [m["name"] for m in summary["models"]] == [
+        f"{variant}/{fmt}" for variant in ("dense", "prune_50", "prune_75") for fmt in formats
+    ]
+    for entry in summary["models"]:
+        assert set(entry) >= {"name", "format", "sparsity", "size_bytes", "gzip_bytes", "path",
+                              "threshold", "test"}  # fmt: skip
+        assert set(entry["test"]) >= {"accuracy", "sensitivity", "specificity", "auc"}
+        assert 0 < entry["gzip_bytes"] <= entry["size_bytes"]
+        assert (run_dir / entry["path"]).is_file()
+    assert summary["selected"] in {m["name"] for m in summary["models"]}
+    seconds = summary["seconds"]
+    for stage in ("prepare_data", "find_lr", "train", "select_model"):
+        assert seconds[stage] >= 0, stage
+    for stage in ("prune", "compress", "evaluate"):
+        assert set(seconds[stage]) >= {"prune_50", "prune_75"}, stage
+    assert summary["selected"] in local_run.format_table(summary)
+
+    # The run folder: report, TensorBoard logs per training run, every export.
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 10
+    for name in ("train", "prune_50", "prune_75"):
+        assert list((run_dir / "tensorboard" / name).rglob("events.out.tfevents.*")), name
+    assert (run_dir / "models" / "dense" / "saved_model" / "saved_model.pb").is_file()
+
+    # The exported models load and predict raw uint8 pixels at the source resolution.
+    with np.load(BUNDLED) as arrays:
+        images = arrays["test_images"][:8]
+    images = images[..., None] if images.ndim == 3 else images
+    dense = models.load_model(str(run_dir / "models" / "dense" / "model.keras"))
+    keras_probs = dense.predict(images.astype(np.float32), verbose=0)
+    assert keras_probs.shape == (8, 2)
+    np.testing.assert_allclose(keras_probs.sum(axis=1), 1.0, atol=1e-5)
+    for entry in summary["models"]:
+        if entry["format"].startswith("tflite"):
+            probs = evaluation.predict_proba(str(run_dir / entry["path"]), images)
+            assert probs.shape == (8, 2), entry["name"]
+            assert np.all((probs >= 0) & (probs <= 1)), entry["name"]
+
+    # The ClassificationMetrics artifact: a 2x2 confusion matrix over the whole test split.
+    executor_output = root / pipeline["run"] / "evaluate" / "executor_output.json"
+    artifacts = storage.read_json(executor_output)["artifacts"]
+    matrix = artifacts["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    rows = [row["row"] for row in matrix["rows"]]
+    assert len(rows) == 2 and all(len(row) == 2 for row in rows)
+    assert sum(map(sum, rows)) == test_size
+    dense_keras = next(m for m in summary["models"] if m["name"] == "dense/keras")
+    assert rows == dense_keras["test"]["confusion_matrix"]

@@ -1,0 +1,197 @@
+"""The compiled pipeline: task graph, fan-out, cluster settings, determinism, K8s manifests."""
+
+import inspect
+
+import pytest
+import yaml
+
+from components._base import DEFAULT_IMAGE
+from components.parameters import PARAMETERS, pipeline_arguments
+from cycleprune import __version__
+from cycleprune.config import preset
+from pipelines import compile as compile_module
+from pipelines.pipeline import GPU_RESOURCE, build_pipeline
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    paths = compile_module.compile_pipeline(out)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ir(compiled):
+    spec, platform = yaml.safe_load_all(compiled[0].read_text())
+    return {"spec": spec, "platform": platform}
+
+
+def _tasks(ir) -> dict:
+    tasks = dict(ir["spec"]["root"]["dag"]["tasks"])
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    assert len(loops) == 1
+    loop_component = loops[0]["componentRef"]["name"]
+    return tasks, ir["spec"]["components"][loop_component]["dag"]["tasks"]
+
+
+def test_writes_ir_and_manifests(compiled):
+    assert [p.name for p in compiled] == [
+        compile_module.IR_FILE,
+        compile_module.MANIFEST_FILE,
+    ]
+    assert all(p.stat().st_size > 0 for p in compiled)
+
+
+def test_task_graph(ir):
+    top, loop = _tasks(ir)
+    assert set(top) == {
+        "configure", "prepare-data", "find-lr", "train", "compress", "evaluate",
+        "for-loop-1", "select-model", "report",
+    }  # fmt: skip
+    assert set(loop) == {"prune", "compress-2", "evaluate-2"}
+
+    def deps(tasks, name):
+        return set(tasks[name].get("dependentTasks", []))
+
+    assert deps(top, "configure") == set()
+    assert deps(top, "prepare-data") == {"configure"}
+    assert deps(top, "find-lr") == {"configure", "prepare-data"}
+    assert "find-lr" in deps(top, "train")
+    assert "train" in deps(top, "compress")
+    assert "compress" in deps(top, "evaluate")
+    assert {"train", "find-lr"} <= deps(top, "for-loop-1")
+    assert {"evaluate", "for-loop-1"} <= deps(top, "select-model")
+    assert "select-model" in deps(top, "report")
+    assert deps(loop, "compress-2") == {"prune"}
+    assert deps(loop, "evaluate-2") == {"compress-2"}
+    # Task names are the component names (a second use gets a -2 suffix).
+    for name, task in {**top, **loop}.items():
+        assert task["componentRef"]["name"] == f"comp-{name}"
+
+
+def test_fan_out_over_sparsities_and_collected_inputs(ir):
+    top, _ = _tasks(ir)
+    loop = top["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--sparsities"
+    defaults = ir["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert defaults["sparsities"]["defaultValue"] == [0.5, 0.75, 0.9]
+    selected = top["select-model"]["inputs"]["artifacts"]
+    assert selected["pruned_evaluations"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    assert selected["dense_evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate"
+
+
+def _executor(ir, task_name):
+    return ir["spec"]["deploymentSpec"]["executors"][f"exec-{task_name}"]["container"]
+
+
+def test_gpu_stages_request_gpus_and_tolerate_the_taint(ir):
+    tolerations = ir["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("find-lr", "train", "prune", "evaluate", "evaluate-2"):
+        accelerator = _executor(ir, name)["resources"]["accelerator"]
+        assert accelerator["resourceType"] == GPU_RESOURCE
+        assert accelerator["resourceCount"] == "1"
+        assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in tolerations[
+            f"exec-{name}"
+        ]["tolerations"]
+    for name in ("configure", "prepare-data", "compress", "select-model", "report"):
+        assert "accelerator" not in _executor(ir, name).get("resources", {})
+        assert f"exec-{name}" not in tolerations
+
+
+def test_every_task_has_cpu_and_memory_requests_and_limits(ir):
+    for name in ir["spec"]["deploymentSpec"]["executors"]:
+        resources = _executor(ir, name.removeprefix("exec-"))["resources"]
+        for key in ("CpuRequest", "CpuLimit", "MemoryRequest", "MemoryLimit"):
+            assert resources[f"resource{key}"], (name, key)
+
+
+def test_retries_and_caching(ir):
+    top, loop = _tasks(ir)
+    tasks = {**top, **loop}
+    for name in ("train", "prune"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
+    assert not {n for n, t in tasks.items() if "retryPolicy" in t} - {"train", "prune"}
+    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"configure", "prepare-data"}
+
+
+def test_prepare_data_sees_only_data_settings(ir):
+    top, _ = _tasks(ir)
+    inputs = top["prepare-data"]["inputs"]
+    assert set(inputs["parameters"]) == {"source", "data_config"}
+    assert "artifacts" not in inputs
+
+
+def test_image_is_set_at_compile_time(tmp_path, ir):
+    assert DEFAULT_IMAGE.endswith(f":{__version__}")
+    images = {e["container"]["image"] for e in ir["spec"]["deploymentSpec"]["executors"].values()}
+    assert images == {DEFAULT_IMAGE}
+    ir_path, _ = compile_module.compile_pipeline(tmp_path, image="registry.local/cp:dev")
+    spec, _ = yaml.safe_load_all(ir_path.read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.local/cp:dev"}
+    with pytest.raises(ValueError, match="image"):
+        compile_module.compile_pipeline(tmp_path, image=" ")
+
+
+def test_components_install_nothing_at_run_time(compiled):
+    text = compiled[0].read_text()
+    assert "pip install" not in text
+
+
+def test_compiling_twice_gives_identical_bytes(compiled, tmp_path):
+    again = compile_module.compile_pipeline(tmp_path)
+    for first, second in zip(compiled, again, strict=True):
+        assert first.read_bytes() == second.read_bytes()
+
+
+def test_kubernetes_manifests(compiled):
+    docs = list(yaml.safe_load_all(compiled[1].read_text()))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Pipeline", "PipelineVersion"]
+    pipeline, version = docs
+    assert pipeline["metadata"]["name"] == "cycleprune"
+    assert version["metadata"]["name"] == f"cycleprune-{__version__.replace('.', '-')}"
+    assert version["spec"]["pipelineName"] == "cycleprune"
+    assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == "cycleprune"
+
+
+def test_every_parameter_is_described(ir):
+    params = ir["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert set(PARAMETERS) <= set(params)
+    assert {"source", "preset", "extra_config", "checkpoint_root"} <= set(params)
+    for name, spec in params.items():
+        assert spec.get("description", "").strip(), name
+
+
+def test_defaults_are_the_article_hyperparameters():
+    signature = inspect.signature(build_pipeline().pipeline_func)
+    defaults = {n: p.default for n, p in signature.parameters.items()}
+    article = pipeline_arguments(preset("seed"))
+    assert defaults["preset"] == "seed"
+    # Automatic LR bounds, named PneumoniaMNIST classes, the article's sparsity plus two more,
+    # and 0 = "ramp over all fine-tuning epochs" are the pipeline's own choices.
+    own = {"min_lr", "max_lr", "class_names", "sparsities", "prune_end_epoch"}
+    for name in set(PARAMETERS) - own:
+        assert defaults[name] == article[name], name
+    assert defaults["min_lr"] == defaults["max_lr"] == 0.0
+    assert defaults["prune_end_epoch"] == 0
+
+
+def test_cpu_only_pipeline_has_no_gpu_settings(tmp_path):
+    ir_path, _ = compile_module.compile_pipeline(tmp_path, gpus=0)
+    text = ir_path.read_text()
+    assert GPU_RESOURCE not in text
+    with pytest.raises(ValueError, match="gpus"):
+        compile_module.compile_pipeline(tmp_path, gpus=-1)
+
+
+def test_loop_tasks_only_reference_inputs_of_their_dag(ir):
+    # Every componentInputParameter a loop task reads must be an input of the loop's DAG.
+    _, loop = _tasks(ir)
+    spec = ir["spec"]["components"]["comp-for-loop-1"]["inputDefinitions"]
+    declared = set(spec.get("parameters", {})) | set(spec.get("artifacts", {}))
+    for name, task in loop.items():
+        for value in task["inputs"].get("parameters", {}).values():
+            if "componentInputParameter" in value:
+                assert value["componentInputParameter"] in declared, name
