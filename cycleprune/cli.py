@@ -197,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config,
         source=source,
         out_dir=str(args.out) if args.out else None,
-        progress=lambda line: print(line, flush=True),
+        stream_logs=args.verbose,
     )
     print()
     print(local.format_table(summary))

@@ -116,6 +116,19 @@ def _watching(tracker: _Tracker) -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _root_handlers_to(stream) -> Iterator[None]:
+    """Send the root logger (kfp.local logs through it) to ``stream`` for the block."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = logging.StreamHandler(stream)
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
 def hide_docker_folder() -> None:
     """Keep a ``docker/`` folder on ``sys.path`` from posing as the Docker SDK.
 
@@ -135,9 +148,18 @@ def hide_docker_folder() -> None:
 
 
 def _print_line(line: str) -> None:
-    # sys.stdout, not print(): kfp.local indents print() while a task streams its logs.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    # The real terminal, not print() or sys.stdout: while the pipeline runs, kfp.local's task
+    # logs are redirected to the log file (and kfp.local indents print()).
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def _log_tail(path: Path, lines: int = 60) -> str:
+    with contextlib.suppress(OSError):
+        text = _ANSI.sub("", path.read_text(errors="replace"))
+        return "\n".join(text.splitlines()[-lines:])
+    return ""
 
 
 def _utc_stamp() -> str:
@@ -153,6 +175,8 @@ def run_local(
     progress: Callable[[str], None] | None = _print_line,
     pipeline_root: str | Path | None = None,
     keep_task_outputs: bool = False,
+    log_file: str | Path | None = None,
+    stream_logs: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline with ``kfp.local`` and assemble the run folder.
 
@@ -164,8 +188,11 @@ def run_local(
         out_dir: The run folder; default ``runs/<UTC timestamp>``. Must not exist or be empty.
         image: Image name recorded in the tasks (kfp.local runs this virtualenv whatever it is).
             Default: :data:`components._base.DEFAULT_IMAGE`.
-        progress: Called with one line per task start, finish and cache hit; ``None`` = quiet
-            (kfp.local still streams the task logs to stdout).
+        progress: Called with one line per task start, finish and cache hit; ``None`` = quiet.
+        log_file: Where kfp.local's own log and every task's output go (they are long);
+            default ``<pipeline_root>/logs/<run stamp>.log``. Copied into the run folder as
+            ``pipeline.log``; with ``None`` and ``stream_logs=True`` they go to stdout instead.
+        stream_logs: Stream kfp.local's logs to stdout rather than a file.
         pipeline_root: kfp.local's output and cache folder; default ``runs/.kfp-root``. Keep it
             across runs for caching.
         keep_task_outputs: Keep this run's task folders under ``pipeline_root`` (for debugging;
@@ -178,8 +205,8 @@ def run_local(
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
-        RuntimeError: a task failed (its log is above, in the streamed output; its outputs stay
-            under ``pipeline_root``).
+        RuntimeError: a task failed (the message ends with the log's last lines and names the
+            log file; the task's outputs stay under ``pipeline_root``).
     """
     run_dir = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_DIR / _utc_stamp()
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -198,19 +225,38 @@ def run_local(
         raise_on_error=True,
     )
     tracker = _Tracker(progress)
+    log_path = None
+    if not stream_logs:
+        log_path = Path(log_file) if log_file else root / "logs" / f"{run_dir.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if progress is not None:
+            progress(f"Task logs: {log_path}")
     started = time.monotonic()
-    with _watching(tracker):
-        try:
-            task = build_pipeline(image, gpus=0, retries=0)(**arguments)
-        except RuntimeError as err:
-            message = _ANSI.sub("", str(err))
-            raise RuntimeError(f"{message} Task outputs are under {root}.") from None
+    with contextlib.ExitStack() as stack:
+        if log_path is not None:
+            # kfp.local logs and streams every task's output to sys.stdout: send it to the file.
+            handle = stack.enter_context(open(log_path, "w", encoding="utf-8"))
+            stack.enter_context(contextlib.redirect_stdout(handle))
+            stack.enter_context(_root_handlers_to(handle))
+        with _watching(tracker):
+            try:
+                task = build_pipeline(image, gpus=0, retries=0)(**arguments)
+            except RuntimeError as err:
+                message = _ANSI.sub("", str(err))
+                where = f"Task outputs are under {root}."
+                if log_path is not None:
+                    sys.stdout.flush()
+                    tail = _log_tail(log_path)
+                    where += f" Full log: {log_path}. Its last lines:\n{tail}"
+                raise RuntimeError(f"{message} {where}") from None
     wall = time.monotonic() - started
 
     run_artifact = task.output
     kfp_run = Path(run_artifact.path).parents[1]
     with storage.atomic_dir(run_dir) as tmp:
         shutil.copytree(run_artifact.path, tmp, dirs_exist_ok=True)
+        if log_path is not None:
+            shutil.copyfile(log_path, Path(tmp) / "pipeline.log")
     summary = storage.read_json(run_dir / "summary.json")
     summary["run_dir"] = str(run_dir.resolve())
     summary["pipeline"] = {
