@@ -348,7 +348,7 @@ def plot_size_vs_accuracy(entries: Sequence[Mapping[str, Any]], path: str | os.P
         names.append(str(entry["name"]))
         sizes.append(float(entry["gzip_bytes"]) / 1024.0)
         accuracies.append(float(entry["accuracy"]))
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (ax,) = _figure()
     ax.scatter(sizes, accuracies, color=_TRAIN_COLOR, zorder=3)
@@ -363,8 +363,10 @@ def plot_size_vs_accuracy(entries: Sequence[Mapping[str, Any]], path: str | os.P
         ax.annotate(name, (x, y), xytext=(5, 4 + 11 * row), textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    # Minor ticks unlabelled: on a log axis spanning a decade or more their labels collide.
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("gzip size (KiB, log scale)")
     ax.set_ylabel("accuracy")

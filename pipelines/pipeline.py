@@ -117,8 +117,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
         class_weight: str = "[1.0, 0.33]",
         seed: int = 42,
         width: float = 1.0,
-        min_lr: float = 0.0,
-        max_lr: float = 0.0,
+        min_lr: float = 0.001,
+        max_lr: float = 0.1,
         lr_policy: str = "triangular",
         step_size_epochs: float = 4.0,
         epochs: int = 32,
@@ -153,8 +153,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 class index such as [1.0, 0.33] (the article).
             seed: Seed of the data split, shuffling, augmentation and weight initialisation.
             width: Width multiplier of the VGG network (1.0 = 64..512 filters).
-            min_lr: Lower CLR bound; 0 = the LR range test's suggestion.
-            max_lr: Upper CLR bound; 0 = the LR range test's suggestion.
+            min_lr: Lower CLR bound (the article: 1e-3). Set min_lr and max_lr to 0 to train
+                with the LR range test's suggestion; find_lr reports it either way.
+            max_lr: Upper CLR bound (the article: 1e-1); 0 = the LR range test's suggestion.
             lr_policy: CLR policy: triangular, triangular2 or exp_range.
             step_size_epochs: CLR half-cycle in epochs (the article: 4).
             epochs: Training epochs, rounded up to whole CLR cycles.

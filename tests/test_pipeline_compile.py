@@ -169,12 +169,14 @@ def test_defaults_are_the_article_hyperparameters():
     defaults = {n: p.default for n, p in signature.parameters.items()}
     article = pipeline_arguments(preset("seed"))
     assert defaults["preset"] == "seed"
-    # Automatic LR bounds, named PneumoniaMNIST classes, the article's sparsity plus two more,
-    # and 0 = "ramp over all fine-tuning epochs" are the pipeline's own choices.
-    own = {"min_lr", "max_lr", "class_names", "sparsities", "prune_end_epoch"}
+    # Named PneumoniaMNIST classes, the article's sparsity plus two more, and 0 = "ramp over all
+    # fine-tuning epochs" are the pipeline's own choices. The CLR bounds are the article's: the
+    # range test finds no usable descent on its plain VGG within one epoch (its curve is flat),
+    # so automatic bounds (0, 0) are opt-in there; the smaller BatchNorm presets use them.
+    own = {"class_names", "sparsities", "prune_end_epoch"}
     for name in set(PARAMETERS) - own:
         assert defaults[name] == article[name], name
-    assert defaults["min_lr"] == defaults["max_lr"] == 0.0
+    assert (defaults["min_lr"], defaults["max_lr"]) == (1e-3, 1e-1)
     assert defaults["prune_end_epoch"] == 0
 
 
