@@ -115,9 +115,9 @@ def strip_if_pruned(model: Any) -> Any:
     """
     if not _is_pruning_wrapped(model):
         return model
-    import tensorflow_model_optimization as tfmot
+    from cycleprune import pruning
 
-    return tfmot.sparsity.keras.strip_pruning(model)
+    return pruning.strip(model)
 
 
 def _weight_layers(model: Any) -> list[Any]:
