@@ -14,7 +14,9 @@ Good Learning Rate", 2017).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,6 +26,8 @@ import numpy as np
 
 from cycleprune.compat import keras, tf
 from cycleprune.config import Config, LRFinderConfig
+
+logger = logging.getLogger(__name__)
 
 # The divergence test starts after at least this many steps (see find_lr).
 MIN_STEPS_BEFORE_STOP = 3
@@ -36,6 +40,11 @@ MIN_POINTS = 5
 VALLEY_START = 0.20
 MAX_LR_MARGIN = 10.0
 MIN_RANGE_RATIO = 4.0
+# Resumable sweeps (find_lr's checkpoint_dir): checkpoint name, record file, and the interval in
+# steps when the dataset's length is unknown.
+SWEEP_NAME = "sweep"
+SWEEP_STATE = "sweep.json"
+DEFAULT_CHECKPOINT_EVERY = 10
 
 
 class LRFinderError(ValueError):
@@ -314,6 +323,9 @@ def find_lr(
     *,
     loss: keras.losses.Loss,
     momentum: float = 0.9,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    handle_sigterm: bool = True,
 ) -> LRFinderResult:
     """Run the LR range test on ``model`` and suggest CLR bounds.
 
@@ -327,12 +339,28 @@ def find_lr(
     Afterwards the model's weights (including BatchNorm statistics) are restored bit for bit; the
     model's own compiled optimizer, if any, is never touched.
 
+    The model's distribution strategy (the one in scope when it was built) runs each step: the
+    batches are global batches, split across the replicas, and the recorded loss is the mean
+    over the whole global batch, as on one device.
+
+    With ``checkpoint_dir``, the sweep is resumable: every ``checkpoint_every`` steps (default:
+    one pass over ``dataset``, its cardinality, else 10) the model, the optimizer and the record
+    so far are saved (``sweep-<step>`` and then ``sweep.json``, which names it); on SIGTERM the
+    current step is saved and :class:`~cycleprune.preemption.PreemptedError` raised. A call with
+    the same ``checkpoint_dir`` and sweep settings continues from the saved step on the same
+    batches (the repeated ``dataset`` is skipped forward) and returns the same record as an
+    uninterrupted sweep; once a sweep has finished, ``sweep.json`` holds its whole record and a
+    further call returns it without training.
+
     Args:
         model: A built Keras model (it is trained during the test, then restored).
         dataset: ``tf.data`` batches of ``(x, y)`` or ``(x, y, sample_weight)``.
         config: Sweep endpoints, steps, smoothing, stop factor.
-        loss: The training loss.
+        loss: The training loss (its per-example values are averaged over each global batch).
         momentum: SGD momentum during the sweep.
+        checkpoint_dir: Folder for the sweep's checkpoints, or ``None`` for none.
+        checkpoint_every: Steps between checkpoints (>= 1).
+        handle_sigterm: Install the SIGTERM handler while sweeping.
 
     Returns:
         An :class:`LRFinderResult` with the record and the suggested ``(min_lr, max_lr)``.
@@ -340,29 +368,50 @@ def find_lr(
     Raises:
         LRFinderError: the dataset is empty, or the curve has no usable descent
             (see :func:`suggest_bounds`).
-        ValueError: an invalid ``momentum``.
+        ValueError: an invalid ``momentum`` or ``checkpoint_every``.
+        cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written.
     """
+    from cycleprune import preemption
+
     if not 0 <= momentum < 1:
         raise ValueError(f"Argument `momentum` must be in [0, 1). Received: momentum={momentum}")
+    if checkpoint_every is None:
+        cardinality = int(dataset.cardinality())
+        checkpoint_every = cardinality if cardinality > 0 else DEFAULT_CHECKPOINT_EVERY
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise ValueError(
+            f"Argument `checkpoint_every` must be an int. Received: {checkpoint_every=}"
+        )
+    if checkpoint_every < 1:
+        raise ValueError(f"Argument `checkpoint_every` must be >= 1. Received: {checkpoint_every=}")
     num_steps = config.num_steps
     lr_values = sweep_lrs(config.start_lr, config.end_lr, num_steps)
-    optimizer = keras.optimizers.SGD(
-        learning_rate=ExponentialSweep(config.start_lr, config.end_lr, num_steps),
-        momentum=momentum,
-    )
-    mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
-    if mixed:
-        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-    variables = model.trainable_variables
+    strategy = model.distribute_strategy
+    with strategy.scope():
+        optimizer = keras.optimizers.SGD(
+            learning_rate=ExponentialSweep(config.start_lr, config.end_lr, num_steps),
+            momentum=momentum,
+        )
+        mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
+        if mixed:
+            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+        variables = model.trainable_variables
+        optimizer.build(variables)  # slots exist before a restore fills them
 
-    @tf.function(reduce_retracing=True)  # the last batch of an epoch may be smaller
-    def train_step(batch):
+    def replica_step(batch):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        context = tf.distribute.get_replica_context()
+        # The global batch's size, so that a short last batch (split unevenly) is averaged
+        # exactly as one device would.
+        count = context.all_reduce("sum", tf.cast(tf.shape(x)[0], tf.float32))
         with tf.GradientTape() as tape:
             predictions = model(x, training=True)
-            value = loss(y, predictions, sample_weight=sample_weight)
+            per_example = tf.cast(loss.call(y, predictions), tf.float32)
+            if sample_weight is not None:
+                per_example *= tf.cast(sample_weight, tf.float32)
+            value = tf.reduce_sum(per_example) / count
             if model.losses:
-                value += tf.add_n(model.losses)
+                value += tf.add_n(model.losses) / strategy.num_replicas_in_sync
             scaled = optimizer.get_scaled_loss(value) if mixed else value
         grads = tape.gradient(scaled, variables)
         if mixed:
@@ -370,29 +419,48 @@ def find_lr(
         optimizer.apply_gradients(zip(grads, variables, strict=True))
         return value
 
+    @tf.function(reduce_retracing=True)  # the last batch of an epoch may be smaller
+    def train_step(batch):
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return strategy.reduce("sum", per_replica, axis=None)
+
     # The first smoothed values average only a few losses: a lucky batch there would make
     # "best" too low and stop the sweep at once. Track the best (and test) only after them.
     warmup = max(MIN_STEPS_BEFORE_STOP, default_skip_start(num_steps))
     saved = [np.array(w, copy=True) for w in model.get_weights()]
+    sweep = _SweepCheckpoint(model, optimizer, checkpoint_dir, config) if checkpoint_dir else None
     recorded: list[float] = []
-    stopped = False
+    stopped = done = False
+    guard = preemption.SigtermGuard() if handle_sigterm else contextlib.nullcontext(None)
     try:
-        avg, best = 0.0, math.inf
-        beta = config.beta
-        for i, batch in enumerate(dataset.repeat().take(num_steps)):
-            value = float(train_step(batch))
-            if not math.isfinite(value):
-                stopped = True
-                break
-            recorded.append(value)
-            avg = beta * avg + (1.0 - beta) * value
-            current = avg / (1.0 - beta ** (i + 1))
-            if i < warmup:
-                continue
-            best = min(best, current)
-            if current > config.stop_factor * best:
-                stopped = True
-                break
+        if sweep is not None:
+            recorded, stopped, done = sweep.resume()
+        watch = _DivergenceWatch(config.beta, config.stop_factor, warmup)
+        for value in recorded:
+            watch.add(value)
+        with guard as sigterm:
+            start = len(recorded)
+            batches = strategy.experimental_distribute_dataset(
+                dataset.repeat().skip(start).take(num_steps - start)
+            )
+            for i, batch in enumerate(batches if not done else (), start=start):
+                if sigterm is not None and sigterm.requested:
+                    path = sweep.save(recorded) if sweep is not None and _finite(model) else None
+                    raise preemption.PreemptedError(i, path)
+                value = float(train_step(batch))
+                if not math.isfinite(value):
+                    stopped = True
+                    break
+                recorded.append(value)
+                if watch.add(value):
+                    stopped = True
+                    break
+                step = i + 1
+                due = sweep is not None and step % checkpoint_every == 0 and step < num_steps
+                if due and _finite(model):  # non-finite weights stop the sweep at the next step
+                    sweep.save(recorded)
+            if sweep is not None and not done:
+                sweep.finish(recorded, stopped)
     finally:
         model.set_weights(saved)
     if not recorded:
@@ -419,12 +487,98 @@ def find_lr(
     )
 
 
+class _DivergenceWatch:
+    """The sweep's stop rule, fed one raw loss at a time: True once the smoothed loss exceeds
+    ``stop_factor`` times the best smoothed loss seen after ``warmup`` steps."""
+
+    def __init__(self, beta: float, stop_factor: float, warmup: int) -> None:
+        self.beta, self.stop_factor, self.warmup = beta, stop_factor, warmup
+        self.avg, self.best, self.count = 0.0, math.inf, 0
+
+    def add(self, value: float) -> bool:
+        self.avg = self.beta * self.avg + (1.0 - self.beta) * value
+        self.count += 1
+        current = self.avg / (1.0 - self.beta**self.count)
+        if self.count <= self.warmup:
+            return False
+        self.best = min(self.best, current)
+        return current > self.stop_factor * self.best
+
+
+def _finite(model: keras.Model) -> bool:
+    return all(np.isfinite(w).all() for w in model.get_weights())
+
+
+class _SweepCheckpoint:
+    """``sweep-<step>`` (model + optimizer) and ``sweep.json`` (the record; written last)."""
+
+    def __init__(
+        self, model: keras.Model, optimizer: Any, folder: str | os.PathLike, config: LRFinderConfig
+    ) -> None:
+        self.folder = Path(folder)
+        self.state_path = self.folder / SWEEP_STATE
+        self.settings = dataclasses.asdict(config)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.folder), max_to_keep=1, checkpoint_name=SWEEP_NAME
+        )
+
+    def resume(self) -> tuple[list[float], bool, bool]:
+        """``(recorded losses, stopped early, finished)``; restores the model mid-sweep."""
+        from cycleprune import storage
+
+        if not self.state_path.is_file():
+            return [], False, False
+        state = storage.read_json(self.state_path)
+        if state.get("settings") != self.settings:
+            logger.warning(
+                "Ignoring the LR sweep checkpoint in %s: it was made with other settings (%s).",
+                self.folder,
+                state.get("settings"),
+            )
+            return [], False, False
+        recorded = [float(v) for v in state["losses"]]
+        if state["done"]:
+            logger.info("The LR sweep in %s is finished: reusing its record.", self.folder)
+            return recorded, bool(state["stopped"]), True
+        path = str(self.folder / state["checkpoint"])
+        status = self.checkpoint.restore(path)
+        status.assert_existing_objects_matched().expect_partial()
+        logger.info("Resuming the LR sweep from %s at step %d", path, len(recorded))
+        return recorded, False, False
+
+    def save(self, recorded: list[float]) -> str:
+        from cycleprune import storage
+
+        path = self.manager.save(checkpoint_number=len(recorded))
+        state = {
+            "settings": self.settings,
+            "losses": recorded,
+            "stopped": False,
+            "done": False,
+            "checkpoint": Path(path).name,
+        }
+        storage.atomic_write_json(self.state_path, state)
+        return path
+
+    def finish(self, recorded: list[float], stopped: bool) -> None:
+        from cycleprune import storage
+
+        state = {"settings": self.settings, "losses": recorded, "stopped": stopped, "done": True}
+        storage.atomic_write_json(self.state_path, state)
+
+
 # config.LRFinderConfig.rule -> suggestion function (lrs, smoothed, *, skip_start) -> bounds.
 SUGGESTION_RULES = {"steepest_valley": suggest_bounds}
 
 
 def run_lr_finder(
-    dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config
+    dataset_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: Config,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> LRFinderResult:
     """The LR-finder stage: the range test on the training split, with its outputs.
 
@@ -435,14 +589,20 @@ def run_lr_finder(
     Builds the model (``config.model``, seeded with ``config.train.seed``) for the dataset's
     image shape and classes, the loss (``config.train``) and the class weights
     (``config.data.class_weight``), runs :func:`find_lr` on the shuffled, augmented training
-    split in batches of ``config.data.batch_size`` with ``config.train.momentum``, and writes,
+    split in global batches of ``config.data.batch_size * replicas`` (the batch training will
+    use, so the suggested bounds suit it) with ``config.train.momentum``, and writes,
     atomically, ``out_dir/lr_finder.json`` (:meth:`LRFinderResult.to_dict`) and
     ``out_dir/lr_finder.png``.
 
     Args:
         dataset_dir: A prepared dataset (:func:`cycleprune.data.prepare_dataset`).
         out_dir: Output folder (replaced as a whole).
-        config: The run configuration.
+        config: The run configuration (``train.deterministic``: see
+            :func:`cycleprune.training.enable_determinism`).
+        checkpoint_dir: Where the sweep checkpoints itself, so that a rerun resumes it (see
+            :func:`find_lr`); ``None``: no checkpoints.
+        strategy: Distribution strategy; default
+            :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
     Returns:
         The :class:`LRFinderResult`.
@@ -450,16 +610,27 @@ def run_lr_finder(
     Raises:
         cycleprune.data.DataError: not a prepared dataset.
         LRFinderError: no usable descent.
+        cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written (with
+            ``checkpoint_dir``), rerun to resume.
     """
-    from cycleprune import data, losses, models, plots, storage
+    from cycleprune import data, distribution, losses, models, plots, storage, training
 
+    if config.train.deterministic:
+        training.enable_determinism(config.train.seed)
+    strategy = strategy if strategy is not None else distribution.select_strategy()
+    global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     info = data.load_info(dataset_dir)
-    model = models.build_model(
-        config.model, info.image_shape, info.num_classes, seed=config.train.seed
-    )
+    with strategy.scope():
+        model = models.build_model(
+            config.model, info.image_shape, info.num_classes, seed=config.train.seed
+        )
     weights = data.class_weights(info, config.data)
     dataset = data.make_dataset(
-        dataset_dir, "train", config.data, training=True, class_weight=weights
+        dataset_dir,
+        "train",
+        dataclasses.replace(config.data, batch_size=global_batch),
+        training=True,
+        class_weight=weights,
     )
     fixed = config.schedule.has_bounds
     try:
@@ -469,6 +640,7 @@ def run_lr_finder(
             config.lr_finder,
             loss=losses.make_loss(config.train),
             momentum=config.train.momentum,
+            checkpoint_dir=checkpoint_dir,
         )
     except LRFinderError as err:
         if not fixed or err.record is None:

@@ -365,6 +365,7 @@ def run_pruning(
     min_lr: float | None = None,
     max_lr: float | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> PruneResult:
     """Prune a trained model to a target sparsity while fine-tuning it under the cyclical LR.
 
@@ -376,6 +377,13 @@ def run_pruning(
     resumes. The kept checkpoint is chosen by :func:`select_checkpoint` with a target of
     ``final_sparsity`` (for ``m_by_n``: ``m / n`` over the pruned layers, see
     :func:`expected_sparsity`) and a tolerance of 0.01; it is restored, stripped and written.
+    Resume, SIGTERM and per-epoch data seeds work as in training: tfmot's pruning step is a
+    model variable, so it is checkpointed and continues with the optimizer's step.
+
+    Data-parallel like training: the model is loaded, wrapped and fine-tuned inside
+    ``strategy.scope()`` with global batches of ``data.batch_size * replicas`` images, and the
+    pruning schedule's steps (``begin_step``, ``end_step``) come from the resulting
+    ``steps_per_epoch``.
 
     Writes, each atomically: ``out_dir/model.keras`` (stripped), ``out_dir/history.json``
     (``epochs``: per-epoch metrics, ``sparsity``/``lr``: per step from the closed forms, and the
@@ -391,6 +399,8 @@ def run_pruning(
         final_sparsity: Target sparsity; default ``prune.final_sparsity``.
         min_lr, max_lr: CLR bounds; default the config's.
         checkpoint_dir: Checkpoint folder; default ``out_dir/checkpoints``.
+        strategy: Distribution strategy; default
+            :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
     Returns:
         A :class:`PruneResult`.
@@ -398,37 +408,44 @@ def run_pruning(
     Raises:
         ValueError: no LR bounds, a bad sparsity, or an unloadable model.
         cycleprune.training.DivergenceError: the loss or the weights became non-finite.
+        cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written, rerun to resume.
     """
     import tensorflow_model_optimization as tfmot
 
-    from cycleprune import data, losses, models, schedules, training
+    from cycleprune import data, distribution, losses, models, schedules, training
 
     low, high = training.resolve_lr_bounds(config.schedule, min_lr, max_lr)
     prune = config.prune
     target = _target(prune, final_sparsity)
+    if config.train.deterministic:
+        training.enable_determinism(config.train.seed)
+    strategy = strategy if strategy is not None else distribution.select_strategy()
+    global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
     info = data.load_info(str(dataset_dir))
-    train_ds = data.make_dataset(
-        str(dataset_dir),
-        "train",
+    train_batches = training.epoch_batches(
+        dataset_dir,
         config.data,
-        training=True,
+        batch_size=global_batch,
         class_weight=data.class_weights(info, config.data),
     )
-    val_ds = data.make_dataset(str(dataset_dir), "val", config.data, training=False)
-    steps = training.steps_per_epoch(train_ds, info.num_examples("train"), config.data.batch_size)
+    val_config = dataclasses.replace(config.data, batch_size=global_batch)
+    val_ds = data.make_dataset(str(dataset_dir), "val", val_config, training=False)
+    steps = training.steps_per_epoch(train_batches(0), info.num_examples("train"), global_batch)
 
-    pruned = prune_model(
-        models.load_model(model_path), prune, steps_per_epoch=steps, final_sparsity=target
-    )
+    with strategy.scope():
+        pruned = prune_model(
+            models.load_model(model_path), prune, steps_per_epoch=steps, final_sparsity=target
+        )
+        optimizer = schedules.make_optimizer(
+            config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
+        )
+        metrics = training.default_metrics(info.num_classes, config.evaluate.positive_class)
     goal = expected_sparsity(pruned, target, prune.m_by_n)
     problems = _schedule_problems(prune, steps, target)
     for problem in problems:
         logger.warning(problem)
-    optimizer = schedules.make_optimizer(
-        config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
-    )
 
     def metadata(model: keras.Model) -> dict:
         return {"sparsity": overall_sparsity(model), "layer_sparsity": sparsity_report(model)}
@@ -436,7 +453,7 @@ def run_pruning(
     tensorboard_src = checkpoint_dir / training.TENSORBOARD_DIR
     result = training.fit(
         pruned,
-        train_ds,
+        train_batches,
         val_ds,
         optimizer=optimizer,
         loss=losses.make_loss(config.train),
@@ -444,7 +461,7 @@ def run_pruning(
         steps_per_epoch=steps,
         checkpoint_dir=checkpoint_dir,
         tensorboard_dir=tensorboard_src,
-        metrics=training.default_metrics(info.num_classes, config.evaluate.positive_class),
+        metrics=metrics,
         extra_callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
         epoch_metadata=metadata,
         max_to_keep=None,  # every epoch is a candidate for select_checkpoint
@@ -456,9 +473,10 @@ def run_pruning(
             f"kept the last one (epoch {best['epoch']}, sparsity {best['sparsity']:.4f})."
         )
         logger.warning(problems[-1])
-    restored = tf.train.Checkpoint(model=pruned).restore(best["checkpoint"])
-    restored.assert_existing_objects_matched().expect_partial()
-    stripped = strip(pruned)
+    with strategy.scope():
+        restored = tf.train.Checkpoint(model=pruned).restore(best["checkpoint"])
+        restored.assert_existing_objects_matched().expect_partial()
+        stripped = strip(pruned)
     layers = sparsity_report(stripped)
     overall = overall_sparsity(stripped)
 
@@ -494,6 +512,8 @@ def run_pruning(
         "num_epochs": prune.epochs,
         "steps_per_epoch": steps,
         "global_step": result.global_step,
+        "replicas": distribution.replicas(strategy),
+        "global_batch_size": global_batch,
     }
     report = {
         "target": goal,

@@ -1,29 +1,47 @@
-"""CLR training with per-epoch checkpoints, resume, divergence detection and a JSON history.
+"""CLR training with checkpoints, exact resume, SIGTERM handling, divergence detection, history.
 
 Two layers. :func:`fit` is the reusable loop (pruning uses it too): it compiles the model with a
-loss whose value passes through ``tf.debugging.check_numerics`` in the graph, restores the latest
-checkpoint of ``checkpoint_dir`` if there is one, and runs ``model.fit`` with one per-epoch
-callback that checks the weights are finite, writes the epoch's metrics as JSON and then saves a
-``tf.train.Checkpoint`` (model, optimizer, epoch). Nothing Python runs per batch: the learning
-rate is an in-graph schedule of ``optimizer.iterations`` and the NaN check is a graph op, so a
-non-finite loss stops the step that produced it before any weight is updated.
-:func:`run_training` is the stage on top: data, model, optimizer and loss from a :class:`Config`,
-then ``out_dir/model.keras``, ``out_dir/history.json`` and ``out_dir/tensorboard/``.
+loss whose value passes through ``tf.debugging.check_numerics`` in the graph, restores the
+latest checkpoint of ``checkpoint_dir`` if there is one, and trains epoch by epoch with
+``model.fit``; after each epoch it evaluates the validation data, checks that the weights are
+finite, writes the epoch's metrics as JSON and then saves a ``tf.train.Checkpoint`` (model,
+optimizer, epoch). Nothing Python runs per batch: the learning rate is an in-graph schedule of
+``optimizer.iterations`` and the NaN check is a graph op, so a non-finite loss stops the step
+that produced it before any weight is updated. :func:`run_training` is the stage on top: data,
+model, optimizer and loss from a :class:`Config`, built inside a distribution strategy's scope
+(:mod:`cycleprune.distribution`), then ``out_dir/model.keras``, ``out_dir/history.json`` and
+``out_dir/tensorboard/``.
 
 Checkpoint layout (``checkpoint_dir``)::
 
-    checkpoint              tf.train.CheckpointManager state
+    checkpoint              tf.train.CheckpointManager state (written last: see below)
     ckpt-<epoch>.index/...  model + optimizer (so ``optimizer.iterations`` is the global step)
     ckpt-<epoch>.json       that epoch's metrics and metadata, written before the checkpoint
+    partial/                at most one mid-epoch checkpoint, written on SIGTERM:
+        step-<step>.*           model + optimizer + epoch
+        state.json              its epoch, step and training-metric state (written last)
     tensorboard/            live TensorBoard logs (copied to ``out_dir/tensorboard`` at the end)
 
-Resuming a run is calling it again with the same ``checkpoint_dir``: the model and optimizer are
-restored, training continues at ``initial_epoch`` = the checkpoint's epoch, the cyclical LR
-continues at the restored step, and the history starts with the earlier epochs' saved metrics.
+Every checkpoint is complete or absent: TensorFlow writes a checkpoint's files first, and only
+then is the manager's ``checkpoint`` file, the list a restore looks up, rewritten atomically
+(temporary file + rename). A process killed in the middle leaves either no trace or files nobody
+lists (overwritten when that epoch is saved again).
+An unreadable newest checkpoint (a damaged disk) is skipped for the previous one, with a warning.
+
+Resuming is calling again with the same ``checkpoint_dir``. The model and optimizer are
+restored, so the cyclical LR (a function of ``optimizer.iterations``), tfmot's pruning step (a
+model variable) and the momentum continue where they were; training continues at the restored
+epoch, at the restored step within it after a SIGTERM checkpoint. Each epoch's data order and
+augmentation are a function of ``(data.seed, epoch)`` (:func:`epoch_seed`): the training data is
+rebuilt for every epoch rather than reshuffled by one long-lived iterator, so a resumed run sees
+the same batches as an uninterrupted one (a mid-epoch resume skips the batches already done).
+With ``train.deterministic`` the arithmetic is deterministic too, and a killed-and-resumed run
+ends with the same weights and metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,15 +56,30 @@ import numpy as np
 
 from cycleprune import storage
 from cycleprune.compat import keras, tf
-from cycleprune.config import Config, ScheduleConfig, TrainConfig
+from cycleprune.config import Config, DataConfig, ScheduleConfig, TrainConfig
+from cycleprune.preemption import PreemptedError, SigtermGuard
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "ckpt"
+PARTIAL_DIR = "partial"
+PARTIAL_NAME = "step"
+PARTIAL_STATE = "state.json"
 TENSORBOARD_DIR = "tensorboard"
 TRAIN_CHECKPOINTS_TO_KEEP = 3
 _NONFINITE_TAG = "cycleprune: non-finite loss"
 _ENTRY_RE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)\.json$")
+# Data seeds stay below 2**31 with room for the augmentation layers' seed + 1..4.
+_MAX_DATA_SEED = 2**31 - 16
+# Metrics whose state variables are sums over batches: the state of a whole epoch is the sum of
+# the states of its parts, so an epoch interrupted by SIGTERM still reports exact metrics.
+_ADDITIVE_METRICS = (
+    keras.metrics.Mean,
+    keras.metrics.Sum,
+    keras.metrics.AUC,
+    keras.metrics.Precision,
+    keras.metrics.Recall,
+)
 
 
 class DivergenceError(RuntimeError):
@@ -266,9 +299,70 @@ def learning_rate_at(optimizer: keras.optimizers.Optimizer, step: int) -> float:
     return float(keras.backend.get_value(optimizer.learning_rate))
 
 
+def enable_determinism(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TensorFlow's kernels deterministic.
+
+    Calls ``keras.utils.set_random_seed(seed)`` and
+    ``tf.config.experimental.enable_op_determinism()``. Both are process-wide and cannot be
+    undone: call this at the start of a stage's process (``train.deterministic``).
+    """
+    keras.utils.set_random_seed(int(seed) % 2**32)
+    tf.config.experimental.enable_op_determinism()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data seed of one training epoch: a function of ``(seed, epoch)`` only.
+
+    ``np.random.SeedSequence([seed, epoch])`` hashed to an int below ``2**31 - 16``. The
+    shuffle and the augmentation of epoch ``epoch`` use it, so that epoch's batches are the same
+    however the run got there (in one go, or resumed from a checkpoint in a new process).
+
+    Raises:
+        ValueError: ``epoch`` < 0.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"Argument `epoch` must be an int >= 0. Received: {epoch=}")
+    state = np.random.SeedSequence([int(seed) % 2**32, epoch]).generate_state(1)[0]
+    return int(state) % _MAX_DATA_SEED
+
+
+def epoch_batches(
+    dataset_dir: str | os.PathLike,
+    config: DataConfig,
+    *,
+    batch_size: int,
+    class_weight: dict[int, float] | None = None,
+) -> Callable[[int], tf.data.Dataset]:
+    """``epoch -> training batches of that epoch``, for :func:`fit`.
+
+    Each call builds ``data.make_dataset(dataset_dir, "train", ...)`` with ``batch_size`` (the
+    global batch) and the seed :func:`epoch_seed(config.seed, epoch) <epoch_seed>`.
+
+    Args:
+        dataset_dir: A prepared dataset.
+        config: Data settings (shuffle buffer, cache, augmentation, base seed).
+        batch_size: Global batch size (per-replica batch times replicas).
+        class_weight: Per-class sample weights, or ``None``.
+
+    Returns:
+        A function of the 0-based epoch.
+    """
+    from cycleprune import data
+
+    def make(epoch: int) -> tf.data.Dataset:
+        settings = dataclasses.replace(
+            config, batch_size=batch_size, seed=epoch_seed(config.seed, epoch)
+        )
+        return data.make_dataset(
+            str(dataset_dir), "train", settings, training=True, class_weight=class_weight
+        )
+
+    return make
+
+
 def fit(
     model: keras.Model,
-    train_ds: tf.data.Dataset,
+    train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset],
     val_ds: tf.data.Dataset | None,
     *,
     optimizer: keras.optimizers.Optimizer,
@@ -281,20 +375,36 @@ def fit(
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     epoch_metadata: Callable[[keras.Model], dict] | None = None,
     max_to_keep: int | None = None,
+    handle_sigterm: bool = True,
 ) -> FitResult:
-    """Compile and train ``model`` with per-epoch checkpoints, resume and divergence detection.
+    """Compile and train ``model`` with checkpoints, exact resume, SIGTERM and divergence checks.
 
     If ``checkpoint_dir`` holds a checkpoint, the model and optimizer are restored from the latest
     one (so ``optimizer.iterations``, and with it any schedule of the step, continues) and
-    training resumes at that checkpoint's epoch; the earlier epochs' metrics are read back from
-    their JSON entries. After every epoch the weights are checked to be finite, the epoch's entry
-    (metrics, global step, LR, ``epoch_metadata(model)``) is written atomically as
-    ``ckpt-<epoch>.json`` and then the checkpoint ``ckpt-<epoch>`` is saved, so a checkpoint never
-    exists without its entry and never holds a non-finite weight.
+    training resumes at that checkpoint's epoch (and step, for a SIGTERM checkpoint); the earlier
+    epochs' metrics are read back from their JSON entries. Epoch by epoch, ``model.fit`` trains
+    on ``train_ds(epoch)`` (or ``train_ds``), ``val_ds`` is evaluated, the weights are checked
+    to be finite, the epoch's entry (metrics, global step, LR, ``epoch_metadata(model)``) is
+    written atomically as ``ckpt-<epoch>.json`` and then the checkpoint ``ckpt-<epoch>`` is saved,
+    so a checkpoint never exists without its entry and never holds a non-finite weight.
+
+    On SIGTERM (with ``handle_sigterm``, in the main thread) ``model.stop_training`` is set;
+    ``fit`` returns after the step in progress, and the state of that exact step (model,
+    optimizer, position in the epoch, the epoch's training-metric accumulators so far) is saved
+    under ``partial/`` before :class:`~cycleprune.preemption.PreemptedError` is raised.
+    Resuming from it skips the batches already done, and the epoch's entry reports metrics over
+    the whole epoch (plus ``resumed_at_step``). A SIGKILL loses at most the epoch in progress.
+
+    The model's distribution strategy (the one in scope when it was built) is used: build the
+    model, the optimizer and the metrics inside ``strategy.scope()`` and batch the data at the
+    global batch size (see :mod:`cycleprune.distribution`).
 
     Args:
         model: The model (built; compiled here).
-        train_ds: Training batches ``(x, y)`` or ``(x, y, sample_weight)``.
+        train_ds: Training batches ``(x, y)`` or ``(x, y, sample_weight)``, or a function
+            ``epoch -> batches`` (see :func:`epoch_batches`): the same dataset every epoch cannot
+            reproduce, after a resume, the order in which an uninterrupted run reshuffles it.
+            An infinite dataset gives ``steps_per_epoch`` batches of a fresh iterator per epoch.
         val_ds: Validation batches, evaluated after every epoch, or ``None``.
         optimizer: The optimizer (its variables are built here, before any restore).
         loss: The loss; it is wrapped in :class:`FiniteLoss`.
@@ -308,102 +418,157 @@ def fit(
             layout of Keras' TensorBoard callback; nested dicts from ``epoch_metadata`` become
             ``<name>/<key>``.
         metrics: Keras metrics (default: :func:`default_metrics` for 2 classes).
-        extra_callbacks: More per-epoch callbacks; they run before the checkpoint is written
-            (e.g. tfmot's ``UpdatePruningStep``, which re-applies the masks at epoch end).
+        extra_callbacks: More Keras callbacks for ``model.fit``; their ``on_epoch_end`` runs
+            before the checkpoint is written (e.g. tfmot's ``UpdatePruningStep``, which
+            re-applies the masks at epoch end).
         epoch_metadata: ``model -> dict`` of extra JSON-able numbers stored in each entry.
         max_to_keep: Checkpoints kept on disk (``None`` = all). Entries are always kept.
+        handle_sigterm: Install the SIGTERM handler while training.
 
     Returns:
         A :class:`FitResult`.
 
     Raises:
         DivergenceError: a non-finite loss (training or validation) or non-finite weights.
+        cycleprune.preemption.PreemptedError: SIGTERM arrived; a checkpoint was written.
         ValueError: bad ``epochs``/``steps_per_epoch``, a dataset whose cardinality disagrees
             with ``steps_per_epoch``, or a checkpoint that does not match the model.
     """
     for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Argument `{name}` must be an int >= 1. Received: {name}={value!r}")
-    cardinality = int(train_ds.cardinality())
-    if cardinality >= 0 and cardinality != steps_per_epoch:
-        raise ValueError(
-            f"Argument `steps_per_epoch` must match the training dataset's {cardinality} batches. "
-            f"Received: steps_per_epoch={steps_per_epoch}"
-        )
-    infinite = cardinality == tf.data.INFINITE_CARDINALITY
-    if cardinality == tf.data.UNKNOWN_CARDINALITY:
-        # tf_keras counts one extra optimizer step per epoch on a dataset of unknown length
-        # (the end-of-data call), which would shift the LR schedule; declare the length.
-        train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
+
+    def batches(epoch: int) -> tf.data.Dataset:
+        ds = train_ds(epoch) if callable(train_ds) else train_ds
+        cardinality = int(ds.cardinality())
+        if cardinality >= 0 and cardinality != steps_per_epoch:
+            raise ValueError(
+                f"Argument `steps_per_epoch` must match the training dataset's {cardinality} "
+                f"batches. Received: steps_per_epoch={steps_per_epoch}"
+            )
+        if cardinality == tf.data.INFINITE_CARDINALITY:
+            return ds.take(steps_per_epoch)
+        if cardinality == tf.data.UNKNOWN_CARDINALITY:
+            # tf_keras counts one extra optimizer step per epoch on a dataset of unknown length
+            # (the end-of-data call), which would shift the LR schedule; declare the length.
+            return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
+        return ds
+
+    if not callable(train_ds):
+        batches(0)  # fail on a wrong length before anything is built
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    model.compile(
-        optimizer=optimizer,
-        loss=FiniteLoss(loss),
-        metrics=list(metrics) if metrics is not None else default_metrics(2),
-    )
-    # Create the slot variables now so that a restore fills them instead of deferring.
-    optimizer.build(model.trainable_variables)
+    with model.distribute_strategy.scope():
+        model.compile(
+            optimizer=optimizer,
+            loss=FiniteLoss(loss),
+            metrics=list(metrics) if metrics is not None else default_metrics(2),
+        )
+        # Create the slot variables now so that a restore fills them instead of deferring.
+        optimizer.build(model.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
     manager = tf.train.CheckpointManager(
         checkpoint, str(checkpoint_dir), max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_NAME
     )
+    partial = _PartialCheckpoint(checkpoint, checkpoint_dir / PARTIAL_DIR)
 
-    initial_epoch = 0
-    if manager.latest_checkpoint:
-        _restore(checkpoint, manager.latest_checkpoint)
-        initial_epoch = int(epoch_var.numpy())
-        expected = initial_epoch * steps_per_epoch
-        if int(optimizer.iterations.numpy()) != expected:
-            logger.warning(
-                "Restored step %d but %d epochs of %d steps make %d: steps_per_epoch changed "
-                "since the checkpoint was written.",
-                int(optimizer.iterations.numpy()),
-                initial_epoch,
-                steps_per_epoch,
-                expected,
-            )
-        logger.info("Resuming from %s at epoch %d", manager.latest_checkpoint, initial_epoch)
+    latest = _restore_latest(checkpoint, manager)
+    initial_epoch = int(epoch_var.numpy()) if latest else 0
+    state = partial.read(initial_epoch, steps_per_epoch)
+    offset, carried = 0, None
+    if state is not None:
+        try:
+            _restore(checkpoint, state["checkpoint"])
+        except _UnreadableCheckpointError as err:
+            logger.warning("Skipping unreadable checkpoint %s: %s", state["checkpoint"], err)
+            partial.clear()
+            state = None
+            if latest:  # the failed read may have overwritten some variables
+                _restore(checkpoint, latest)
+    if state is not None:
+        offset, carried = int(state["step_in_epoch"]), state.get("metrics")
+        logger.info(
+            "Resuming from %s at epoch %d, step %d of %d",
+            state["checkpoint"],
+            initial_epoch + 1,
+            offset,
+            steps_per_epoch,
+        )
+    elif latest:
+        logger.info("Resuming from %s at epoch %d", latest, initial_epoch)
+    expected = initial_epoch * steps_per_epoch + offset
+    if int(optimizer.iterations.numpy()) != expected:
+        logger.warning(
+            "Restored step %d but %d epochs of %d steps (+%d) make %d: steps_per_epoch changed "
+            "since the checkpoint was written.",
+            int(optimizer.iterations.numpy()),
+            initial_epoch,
+            steps_per_epoch,
+            offset,
+            expected,
+        )
     previous = [e for e in read_entries(checkpoint_dir) if e["epoch"] <= initial_epoch]
 
-    recorder = _EpochCheckpoint(
+    recorder = _Recorder(
         checkpoint_dir=checkpoint_dir,
         manager=manager,
+        partial=partial,
         epoch_var=epoch_var,
-        steps_per_epoch=steps_per_epoch,
         tensorboard_dir=tensorboard_dir,
         epoch_metadata=epoch_metadata,
     )
-    callbacks: list[keras.callbacks.Callback] = [*extra_callbacks, recorder]
-
-    if initial_epoch < epochs:
-        try:
-            model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=epochs,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch if infinite else None,
-                callbacks=callbacks,
-                verbose=0,
-            )
-        except tf.errors.InvalidArgumentError as err:
-            if _NONFINITE_TAG not in str(err):
-                raise
-            step = int(optimizer.iterations.numpy())
-            raise DivergenceError(
-                step, learning_rate_at(optimizer, step), manager.latest_checkpoint
-            ) from None
-        finally:
-            recorder.close()  # on_train_end does not run when fit raises
-    else:
+    guard = SigtermGuard() if handle_sigterm else contextlib.nullcontext(_NoGuard())
+    try:
+        with guard as sigterm:
+            sigterm.watch(model)
+            callbacks = [_StopIfRequested(sigterm), *extra_callbacks]
+            for epoch in range(initial_epoch, epochs):
+                skip = offset if epoch == initial_epoch else 0
+                if sigterm.requested:
+                    raise PreemptedError(int(optimizer.iterations.numpy()), recorder.last_good())
+                ds = batches(epoch)
+                model.fit(
+                    ds.skip(skip) if skip else ds,
+                    epochs=epoch + 1,
+                    initial_epoch=epoch,
+                    callbacks=callbacks,
+                    verbose=0,
+                )
+                step = int(optimizer.iterations.numpy())
+                done = step - epoch * steps_per_epoch
+                if carried:
+                    _add_metric_state(model, carried)
+                if done < steps_per_epoch:  # stopped by SIGTERM
+                    _check_finite(model, optimizer, recorder.last_good())
+                    path = partial.save(
+                        epoch=epoch,
+                        global_step=step,
+                        step_in_epoch=done,
+                        metrics=_metric_state(model),
+                    )
+                    raise PreemptedError(step, path)
+                logs = {k: float(v) for k, v in model.get_metrics_result().items()}
+                if val_ds is not None:
+                    evaluated = model.evaluate(val_ds, verbose=0, return_dict=True)
+                    logs.update({f"val_{k}": float(v) for k, v in evaluated.items()})
+                if skip:
+                    logs["resumed_at_step"] = skip
+                recorder.epoch_end(model, epoch, logs)
+                carried = None
+    except tf.errors.InvalidArgumentError as err:
+        if _NONFINITE_TAG not in str(err):
+            raise
+        step = int(optimizer.iterations.numpy())
+        raise DivergenceError(
+            step, learning_rate_at(optimizer, step), recorder.last_good()
+        ) from None
+    finally:
+        recorder.close()
+    if initial_epoch >= epochs:
         logger.warning(
-            "%s is already at epoch %d of %d: nothing to train.",
-            manager.latest_checkpoint,
-            initial_epoch,
-            epochs,
+            "%s is already at epoch %d of %d: nothing to train.", latest, initial_epoch, epochs
         )
 
     entries = {e["epoch"]: e for e in previous}
@@ -443,6 +608,7 @@ def run_training(
     min_lr: float | None = None,
     max_lr: float | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> TrainResult:
     """Train the configured model under a cyclical learning rate (Smith 2017).
 
@@ -453,19 +619,28 @@ def run_training(
     ``data.class_weights``. Calling again with the same ``checkpoint_dir`` resumes (see
     :func:`fit`); a larger ``train.epochs`` extends a finished run.
 
+    Data-parallel on one machine: the model, optimizer and metrics are built in
+    ``strategy.scope()``; a step consumes a global batch of ``data.batch_size * replicas``
+    images, so ``steps_per_epoch = ceil(n_train / global_batch)`` and the CLR ``step_size`` (in
+    steps) keeps its length in epochs whatever the number of replicas.
+
     Writes ``out_dir/model.keras`` (weights and architecture, no optimizer or compile state; load
     with ``models.load_model``), ``out_dir/history.json`` and ``out_dir/tensorboard/``, each
     appearing atomically. ``history.json`` holds ``epochs`` (one dict per epoch, see
     :class:`FitResult`), ``lr`` (the LR of every step ``0..global_step-1``, from the closed form
     :func:`cycleprune.schedules.clr`), ``min_lr``, ``max_lr``, ``step_size``, ``policy``,
-    ``gamma``, ``num_epochs``, ``steps_per_epoch`` and ``global_step``.
+    ``gamma``, ``num_epochs``, ``steps_per_epoch``, ``global_step``, ``replicas`` and
+    ``global_batch_size``.
 
     Args:
         dataset_dir: A prepared dataset (train and val splits).
         out_dir: Output folder.
-        config: The run configuration.
+        config: The run configuration (``train.deterministic`` seeds everything and makes the
+            kernels deterministic, process-wide: see :func:`enable_determinism`).
         min_lr, max_lr: CLR bounds (e.g. from the LR range test); default: the config's.
         checkpoint_dir: Checkpoint folder; default ``out_dir/checkpoints``.
+        strategy: Distribution strategy; default
+            :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
     Returns:
         A :class:`TrainResult`.
@@ -474,41 +649,52 @@ def run_training(
         ValueError: no LR bounds (run the LR range test or set schedule.min_lr/max_lr), or
             invalid ones.
         DivergenceError: the loss or the weights became non-finite.
+        cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written, rerun to resume.
         cycleprune.data.DataError: a bad dataset.
     """
-    from cycleprune import data, losses, models, schedules
+    from cycleprune import data, distribution, losses, models, schedules
 
     low, high = resolve_lr_bounds(config.schedule, min_lr, max_lr)
+    if config.train.deterministic:
+        enable_determinism(config.train.seed)
+    strategy = strategy if strategy is not None else distribution.select_strategy()
+    global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
     info = data.load_info(str(dataset_dir))
     epochs = training_epochs(config.train, config.schedule)
     class_weight = data.class_weights(info, config.data)
-    train_ds = data.make_dataset(
-        str(dataset_dir), "train", config.data, training=True, class_weight=class_weight
+    train_batches = epoch_batches(
+        dataset_dir, config.data, batch_size=global_batch, class_weight=class_weight
     )
-    val_ds = data.make_dataset(str(dataset_dir), "val", config.data, training=False)
-    steps = steps_per_epoch(train_ds, info.num_examples("train"), config.data.batch_size)
+    val_config = dataclasses.replace(config.data, batch_size=global_batch)
+    val_ds = data.make_dataset(str(dataset_dir), "val", val_config, training=False)
+    steps = steps_per_epoch(train_batches(0), info.num_examples("train"), global_batch)
     step_size = schedules.clr_step_size(steps, config.schedule.step_size_epochs)
     logger.info(
-        "Training %d epochs x %d steps, CLR %.3g..%.3g (%s, step size %d)",
+        "Training %d epochs x %d steps of %d images (%d replica(s)), CLR %.3g..%.3g (%s, step "
+        "size %d)",
         epochs,
         steps,
+        global_batch,
+        distribution.replicas(strategy),
         low,
         high,
         config.schedule.policy,
         step_size,
     )
 
-    model = models.build_model(
-        config.model, info.image_shape, info.num_classes, seed=config.train.seed
-    )
-    optimizer = schedules.make_optimizer(
-        config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
-    )
+    with strategy.scope():
+        model = models.build_model(
+            config.model, info.image_shape, info.num_classes, seed=config.train.seed
+        )
+        optimizer = schedules.make_optimizer(
+            config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
+        )
+        metrics = default_metrics(info.num_classes, config.evaluate.positive_class)
     result = fit(
         model,
-        train_ds,
+        train_batches,
         val_ds,
         optimizer=optimizer,
         loss=losses.make_loss(config.train),
@@ -516,7 +702,7 @@ def run_training(
         steps_per_epoch=steps,
         checkpoint_dir=checkpoint_dir,
         tensorboard_dir=checkpoint_dir / TENSORBOARD_DIR,
-        metrics=default_metrics(info.num_classes, config.evaluate.positive_class),
+        metrics=metrics,
         max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
     )
 
@@ -539,6 +725,8 @@ def run_training(
         "num_epochs": epochs,
         "steps_per_epoch": steps,
         "global_step": result.global_step,
+        "replicas": distribution.replicas(strategy),
+        "global_batch_size": global_batch,
     }
     model_path = write_outputs(model, out_dir, history, checkpoint_dir / TENSORBOARD_DIR)
     return TrainResult(
@@ -600,77 +788,6 @@ def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
     return path
 
 
-class _EpochCheckpoint(keras.callbacks.Callback):
-    """Per-epoch: finite-weights check, JSON entry, checkpoint, LR scalar. No batch hooks."""
-
-    def __init__(
-        self,
-        *,
-        checkpoint_dir: Path,
-        manager: tf.train.CheckpointManager,
-        epoch_var: tf.Variable,
-        steps_per_epoch: int,
-        tensorboard_dir: str | os.PathLike | None,
-        epoch_metadata: Callable[[keras.Model], dict] | None,
-    ) -> None:
-        super().__init__()
-        self.checkpoint_dir = checkpoint_dir
-        self.manager = manager
-        self.epoch_var = epoch_var
-        self.steps_per_epoch = steps_per_epoch
-        self.tensorboard_dir = tensorboard_dir
-        self.epoch_metadata = epoch_metadata
-        self.entries: list[dict] = []
-        self._writer = None
-
-    def on_train_begin(self, logs=None):
-        if self.tensorboard_dir is not None:
-            self._writer = _ScalarWriter(self.tensorboard_dir)
-
-    def on_train_end(self, logs=None):
-        self.close()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        optimizer = self.model.optimizer
-        step = int(optimizer.iterations.numpy())
-        if not all(np.isfinite(w).all() for w in self.model.get_weights()):
-            raise DivergenceError(
-                step,
-                learning_rate_at(optimizer, max(step - 1, 0)),
-                self.manager.latest_checkpoint,
-                what="weights",
-            )
-        number = epoch + 1
-        lr = float(optimizer.learning_rate.numpy())  # the LR of the epoch's last step
-        entry: dict[str, Any] = {"epoch": number, "global_step": step, "lr": lr}
-        entry.update({k: float(v) for k, v in (logs or {}).items()})
-        momentum_schedule = getattr(optimizer, "momentum_schedule", None)
-        if momentum_schedule is not None:  # cyclical momentum: the value of the last step
-            entry["momentum"] = float(momentum_schedule(step - 1))
-        if self.epoch_metadata is not None:
-            entry.update(self.epoch_metadata(self.model))
-        storage.atomic_write_json(self.checkpoint_dir / f"{CHECKPOINT_NAME}-{number}.json", entry)
-        self.epoch_var.assign(number)
-        path = self.manager.save(checkpoint_number=number)
-        self.entries.append(entry)
-        if self._writer is not None:
-            self._writer.write(entry, step=epoch)
-        logger.info(
-            "epoch %d/%s step %d lr %.4g %s -> %s",
-            number,
-            self.params.get("epochs"),
-            step,
-            lr,
-            " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()),
-            path,
-        )
-
-
 class _ScalarWriter:
     """Per-epoch TensorBoard scalars in Keras' layout, without the ``tensorboard`` package.
 
@@ -691,7 +808,7 @@ class _ScalarWriter:
 
     def write(self, values: dict, step: int) -> None:
         for name, value in _flatten(values):
-            if name == "epoch":
+            if name in ("epoch", "resumed_at_step"):
                 continue
             writer, tag = self._train, name
             if name.startswith("val_"):
@@ -722,10 +839,222 @@ def _flatten(values: dict, prefix: str = "") -> list[tuple[str, float]]:
     return flat
 
 
+class _NoGuard:
+    """Stands in for :class:`SigtermGuard` when SIGTERM handling is off."""
+
+    requested = False
+
+    def watch(self, model: keras.Model) -> None:
+        pass
+
+
+class _StopIfRequested(keras.callbacks.Callback):
+    """``fit`` clears ``stop_training`` when it starts: set it again if SIGTERM came before."""
+
+    def __init__(self, guard: Any) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def on_train_begin(self, logs=None):
+        if self.guard.requested:
+            self.model.stop_training = True
+
+
+class _Recorder:
+    """After each epoch: finite-weights check, JSON entry, checkpoint, TensorBoard scalars."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint_dir: Path,
+        manager: tf.train.CheckpointManager,
+        partial: _PartialCheckpoint,
+        epoch_var: tf.Variable,
+        tensorboard_dir: str | os.PathLike | None,
+        epoch_metadata: Callable[[keras.Model], dict] | None,
+    ) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.manager = manager
+        self.partial = partial
+        self.epoch_var = epoch_var
+        self.epoch_metadata = epoch_metadata
+        self.entries: list[dict] = []
+        self._writer = _ScalarWriter(tensorboard_dir) if tensorboard_dir is not None else None
+
+    def last_good(self) -> str | None:
+        """The newest checkpoint on disk: a SIGTERM one if newer than the last epoch's."""
+        return self.partial.path or self.manager.latest_checkpoint
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def epoch_end(self, model: keras.Model, epoch: int, logs: dict) -> None:
+        optimizer = model.optimizer
+        step = int(optimizer.iterations.numpy())
+        _check_finite(model, optimizer, self.last_good())
+        number = epoch + 1
+        lr = float(optimizer.learning_rate.numpy())  # the LR of the epoch's last step
+        entry: dict[str, Any] = {"epoch": number, "global_step": step, "lr": lr}
+        entry.update(logs)
+        momentum_schedule = getattr(optimizer, "momentum_schedule", None)
+        if momentum_schedule is not None:  # cyclical momentum: the value of the last step
+            entry["momentum"] = float(momentum_schedule(step - 1))
+        if self.epoch_metadata is not None:
+            entry.update(self.epoch_metadata(model))
+        storage.atomic_write_json(self.checkpoint_dir / f"{CHECKPOINT_NAME}-{number}.json", entry)
+        self.epoch_var.assign(number)
+        path = self.manager.save(checkpoint_number=number)
+        self.partial.clear()  # superseded (only now: until the save, it was the newest state)
+        self.entries.append(entry)
+        if self._writer is not None:
+            self._writer.write(entry, step=epoch)
+        logger.info(
+            "epoch %d step %d lr %.4g %s -> %s",
+            number,
+            step,
+            lr,
+            " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float)),
+            path,
+        )
+
+
+class _PartialCheckpoint:
+    """The one mid-epoch (SIGTERM) checkpoint: ``partial/step-<step>`` + ``partial/state.json``.
+
+    ``state.json`` is written after the checkpoint, so it only ever names a complete one; it
+    records the epoch the checkpoint belongs to (epochs completed before it), the step and the
+    training metrics' accumulators. A state whose epoch is not the one the epoch checkpoints
+    have reached is stale (the epoch was completed after it) and is removed.
+    """
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, folder: Path) -> None:
+        self.checkpoint = checkpoint
+        self.folder = folder
+        self.path: str | None = None
+
+    def read(self, epoch: int, steps_per_epoch: int) -> dict | None:
+        state_path = self.folder / PARTIAL_STATE
+        if not state_path.is_file():
+            return None
+        try:
+            state = storage.read_json(state_path)
+            path = str(self.folder / state["checkpoint"])
+            usable = (
+                int(state["epoch"]) == epoch
+                and 0 < int(state["step_in_epoch"]) < steps_per_epoch
+                and tf.io.gfile.exists(f"{path}.index")
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            logger.warning("Ignoring an unreadable %s: %s", state_path, err)
+            usable = False
+        if not usable:
+            logger.info("Removing a stale mid-epoch checkpoint in %s", self.folder)
+            self.clear()
+            return None
+        self.path = path
+        return {**state, "checkpoint": path}
+
+    def save(self, *, epoch: int, global_step: int, step_in_epoch: int, metrics: dict) -> str:
+        self.clear()
+        manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.folder), max_to_keep=1, checkpoint_name=PARTIAL_NAME
+        )
+        path = manager.save(checkpoint_number=global_step)
+        state = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "step_in_epoch": step_in_epoch,
+            "checkpoint": Path(path).name,
+            "metrics": metrics,
+        }
+        storage.atomic_write_json(self.folder / PARTIAL_STATE, state)
+        self.path = path
+        logger.warning("Saved a mid-epoch checkpoint at step %d: %s", global_step, path)
+        return path
+
+    def clear(self) -> None:
+        self.path = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / PARTIAL_STATE).unlink()  # first: what remains is then ignored
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_finite(model: keras.Model, optimizer: Any, last_good: str | None) -> None:
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        step = int(optimizer.iterations.numpy())
+        raise DivergenceError(
+            step, learning_rate_at(optimizer, max(step - 1, 0)), last_good, what="weights"
+        )
+
+
+def _metric_state(model: keras.Model) -> dict[str, list]:
+    """The accumulators of the additive training metrics, as JSON-able nested lists."""
+    return {
+        m.name: [np.asarray(v.numpy()).tolist() for v in m.variables]
+        for m in model.metrics
+        if isinstance(m, _ADDITIVE_METRICS)
+    }
+
+
+def _add_metric_state(model: keras.Model, state: dict[str, list]) -> None:
+    """Add a saved partial-epoch state to the metrics' accumulators (see _ADDITIVE_METRICS)."""
+    for metric in model.metrics:
+        saved = state.get(metric.name)
+        if saved is None or not isinstance(metric, _ADDITIVE_METRICS):
+            logger.warning(
+                "Training metric %r of the resumed epoch covers only the steps after the resume.",
+                metric.name,
+            )
+            continue
+        for variable, value in zip(metric.variables, saved, strict=True):
+            variable.assign(variable.numpy() + np.asarray(value, variable.dtype.as_numpy_dtype))
+
+
+def _restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> str:
+    """Restore the newest readable epoch checkpoint; ``""`` when there is none.
+
+    Raises:
+        ValueError: there are checkpoints but none is readable (or one does not match).
+    """
+    for path in reversed(manager.checkpoints):
+        try:
+            _restore(checkpoint, path)
+        except _UnreadableCheckpointError as err:
+            logger.warning("Skipping unreadable checkpoint %s: %s", path, err)
+            continue
+        return path
+    if manager.checkpoints:
+        raise ValueError(
+            f"No checkpoint in {manager.directory} is readable (damaged files): remove them to "
+            "start afresh."
+        )
+    return ""
+
+
+class _UnreadableCheckpointError(Exception):
+    """A checkpoint's files are missing or damaged (as opposed to not matching the model)."""
+
+
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     try:
-        checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
-    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        status = checkpoint.restore(path)
+    except (
+        tf.errors.NotFoundError,
+        tf.errors.DataLossError,
+        tf.errors.OutOfRangeError,
+        IndexError,  # the checkpoint reader's translation of a truncated data file
+    ) as err:
+        raise _UnreadableCheckpointError(str(err).splitlines()[0]) from None
+    except (ValueError, tf.errors.OpError) as err:
+        raise ValueError(
+            f"Checkpoint {path} does not match this model and optimizer (use an empty "
+            f"checkpoint_dir for a new run): {err}"
+        ) from None
+    try:
+        status.assert_existing_objects_matched().expect_partial()
+    except AssertionError as err:
         raise ValueError(
             f"Checkpoint {path} does not match this model and optimizer (use an empty "
             f"checkpoint_dir for a new run): {err}"

@@ -291,3 +291,88 @@ def test_every_configurable_rule_is_implemented():
     from cycleprune import config
 
     assert set(lr_finder.SUGGESTION_RULES) == set(config.SUGGESTION_RULES)
+
+
+# ------------------------------------------------------------------- preemption and crashes
+
+
+def _interrupt_at(dataset, element: int, action):
+    """``dataset`` that runs ``action()`` when it produces its ``element``-th batch (1-based,
+    counted over every pass)."""
+    produced = [0]
+
+    def tick():
+        produced[0] += 1
+        if produced[0] == element:
+            action()
+        return np.int64(produced[0])
+
+    def mark(x, y):
+        token = tf.py_function(tick, [], tf.int64)
+        with tf.control_dependencies([token]):
+            return tf.identity(x), y
+
+    return dataset.map(mark)
+
+
+def test_find_lr_resumes_after_sigterm_with_the_same_record(tmp_path):
+    import os
+    import signal
+
+    from cycleprune.preemption import PreemptedError
+
+    config = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=30)
+    loss = keras.losses.MeanSquaredError()
+    model, dataset = _linear_problem(128)  # 4 batches per pass
+    before = [w.copy() for w in model.get_weights()]
+    straight = find_lr(model, dataset, config, loss=loss)  # it restores the weights afterwards
+
+    sigterm = _interrupt_at(dataset, 12, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(PreemptedError) as caught:
+        find_lr(model, sigterm, config, loss=loss, checkpoint_dir=tmp_path)
+    # tf.data reads ahead, so the signal comes while one of the steps before batch 12 runs;
+    # the sweep stops after that step and saves it.
+    step = caught.value.step
+    assert 1 <= step <= 11 and caught.value.checkpoint.endswith(f"sweep-{step}")
+    state = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())
+    assert len(state["losses"]) == step and not state["done"]
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # restored even when stopped
+
+    resumed = find_lr(model, dataset, config, loss=loss, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+    assert (resumed.min_lr, resumed.max_lr) == (straight.min_lr, straight.max_lr)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_find_lr_resumes_from_its_last_checkpoint_after_a_crash(tmp_path):
+    config = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=30)
+    loss = keras.losses.MeanSquaredError()
+    model, dataset = _linear_problem(128)
+    straight = find_lr(model, dataset, config, loss=loss)  # it restores the weights afterwards
+
+    def crash():
+        raise RuntimeError("node lost")
+
+    with pytest.raises(Exception, match="node lost"):
+        find_lr(
+            model, _interrupt_at(dataset, 18, crash), config, loss=loss, checkpoint_dir=tmp_path
+        )
+    # One checkpoint per pass over the data (4 batches): the last one before the crash is 16.
+    state = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())
+    assert len(state["losses"]) == 16 and state["checkpoint"] == "sweep-16"
+
+    resumed = find_lr(model, dataset, config, loss=loss, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+    assert json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())["done"] is True
+
+    # A finished sweep is not run again: even data that would crash at once is never read.
+    again = find_lr(
+        model, _interrupt_at(dataset, 1, crash), config, loss=loss, checkpoint_dir=tmp_path
+    )
+    np.testing.assert_array_equal(again.losses, straight.losses)
+    assert again.stopped_early == straight.stopped_early
+    # Other sweep settings do not reuse the record.
+    other = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=24)
+    assert find_lr(model, dataset, other, loss=loss, checkpoint_dir=tmp_path).steps == 24

@@ -257,3 +257,54 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
         for record in tf.data.TFRecordDataset(str(path)):
             tags.update(v.tag for v in event_pb2.Event.FromString(record.numpy()).summary.value)
     assert {"epoch_loss", "epoch_sparsity", "epoch_layer_sparsity/block2_conv1"} <= tags
+
+
+def test_run_pruning_resumes_after_sigterm_with_the_pruning_step_where_it_was(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from cycleprune import models, preemption, pruning, training
+
+    base = tmp_path / "base.keras"
+    training.save_model(_model(), base)
+    prune = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=2, epochs=2, frequency=1)
+    config = preset("smoke").replace(prune=prune)
+    straight = pruning.run_pruning(
+        base, tiny_dataset, tmp_path / "straight", config, min_lr=1e-3, max_lr=1e-2
+    )
+
+    class SigtermAtStep(training._StopIfRequested):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == STEPS + 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_StopIfRequested", SigtermAtStep)
+        with pytest.raises(preemption.PreemptedError) as caught:
+            pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+    reader = tf.train.load_checkpoint(caught.value.checkpoint)
+    steps = {
+        int(reader.get_tensor(k))
+        for k in reader.get_variable_to_shape_map()
+        if "pruning_step" in k and "OPTIMIZER" not in k
+    }
+    assert steps == {STEPS + 2}  # tfmot's step is saved with the model, in step with the optimizer
+
+    resumed = pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+    assert resumed.history["global_step"] == straight.history["global_step"] == 2 * STEPS
+    assert (
+        resumed.sparsity == straight.sparsity and resumed.layer_sparsity == straight.layer_sparsity
+    )
+    for ours, theirs in zip(resumed.history["epochs"], straight.history["epochs"], strict=True):
+        ours.pop("resumed_at_step", None)
+        assert ours.pop("layer_sparsity") == theirs.pop("layer_sparsity")
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    for a, b in zip(
+        models.load_model(resumed.model_path).get_weights(),
+        models.load_model(straight.model_path).get_weights(),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

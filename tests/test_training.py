@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -264,3 +265,107 @@ def test_divergence_names_the_last_good_checkpoint(two_epochs, tiny_dataset, tmp
         value = reader.get_tensor(key)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             assert np.isfinite(value).all(), key
+
+
+def test_each_epoch_has_its_own_data_order_whatever_ran_before(tiny_dataset):
+    from cycleprune import training
+    from cycleprune.config import DataConfig
+
+    assert training.epoch_seed(42, 3) == training.epoch_seed(42, 3)
+    seeds = {training.epoch_seed(42, e) for e in range(50)} | {training.epoch_seed(43, 0)}
+    assert len(seeds) == 51 and all(0 <= s < 2**31 - 16 for s in seeds)
+    with pytest.raises(ValueError, match="epoch=-1"):
+        training.epoch_seed(42, -1)
+
+    batches = training.epoch_batches(tiny_dataset, DataConfig(), batch_size=32)
+
+    def labels(epoch):  # the first batch's labels: the shuffle order
+        return next(iter(batches(epoch)))[1].numpy().argmax(axis=1).tolist()
+
+    later = labels(2)
+    assert labels(0) != later and labels(2) == later  # no hidden state carried between calls
+
+
+def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
+    two_epochs, tiny_dataset, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from cycleprune import models, preemption, training
+
+    class SigtermAtStep(training._StopIfRequested):  # a real SIGTERM, at a known step
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == STEPS + 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    reference_out, config, reference = two_epochs
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_StopIfRequested", SigtermAtStep)
+        with pytest.raises(preemption.PreemptedError) as caught:
+            training.run_training(tiny_dataset, tmp_path, config, min_lr=MIN_LR, max_lr=MAX_LR)
+    assert caught.value.step == STEPS + 3
+    partial = tmp_path / "checkpoints" / training.PARTIAL_DIR
+    state = json.loads((partial / training.PARTIAL_STATE).read_text())
+    assert (state["epoch"], state["global_step"], state["step_in_epoch"]) == (1, STEPS + 3, 3)
+    assert caught.value.checkpoint == str(partial / state["checkpoint"])
+    assert signal.getsignal(signal.SIGTERM) is not SigtermAtStep  # the handler is gone
+
+    resumed = training.run_training(tiny_dataset, tmp_path, config, min_lr=MIN_LR, max_lr=MAX_LR)
+    assert resumed.epochs_run == 1 and resumed.global_step == 2 * STEPS
+    assert not partial.exists()
+    epochs = resumed.history["epochs"]
+    assert epochs[1].pop("resumed_at_step") == 3
+    # The epoch's training metrics cover all its steps (saved accumulators + the rest).
+    for got, want in zip(epochs, reference.history["epochs"], strict=True):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
+    ours = models.load_model(resumed.model_path).get_weights()
+    theirs = models.load_model(reference_out / "model.keras").get_weights()
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_half_written_and_damaged_checkpoints_are_never_restored(
+    two_epochs, tiny_dataset, tmp_path, caplog
+):
+    from cycleprune import training
+
+    first_out, _, first = two_epochs
+    config = _config(3)
+
+    # Killed while epoch 3's checkpoint was being written: files nobody lists, an orphan entry.
+    checkpoints = tmp_path / "half"
+    shutil.copytree(first_out / "checkpoints", checkpoints)
+    (checkpoints / "ckpt-3.index").write_bytes(b"\x00" * 10)
+    (checkpoints / "ckpt-3.data-00000-of-00001").write_bytes(b"\x00" * 100)
+    (checkpoints / "ckpt-3.json").write_text(json.dumps({"epoch": 3, "global_step": -1}))
+    resumed = training.run_training(
+        tiny_dataset,
+        tmp_path / "a",
+        config,
+        min_lr=MIN_LR,
+        max_lr=MAX_LR,
+        checkpoint_dir=checkpoints,
+    )
+    assert resumed.epochs_run == 1 and resumed.global_step == 3 * STEPS
+    assert resumed.history["epochs"][:2] == first.history["epochs"]
+    assert json.loads((checkpoints / "ckpt-3.json").read_text())["global_step"] == 3 * STEPS
+    assert tf.train.load_checkpoint(str(checkpoints / "ckpt-3"))  # rewritten, readable
+
+    # The newest listed checkpoint damaged on disk: skipped for the previous one.
+    checkpoints = tmp_path / "damaged"
+    shutil.copytree(first_out / "checkpoints", checkpoints)
+    data_file = checkpoints / "ckpt-2.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="cycleprune.training"):
+        resumed = training.run_training(
+            tiny_dataset,
+            tmp_path / "b",
+            config,
+            min_lr=MIN_LR,
+            max_lr=MAX_LR,
+            checkpoint_dir=checkpoints,
+        )
+    assert "Skipping unreadable checkpoint" in caplog.text and "ckpt-2" in caplog.text
+    assert resumed.epochs_run == 2 and resumed.global_step == 3 * STEPS
+    assert [e["epoch"] for e in resumed.history["epochs"]] == [1, 2, 3]
