@@ -130,11 +130,17 @@ def custom_objects() -> dict[str, object]:
 
 
 def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model:
-    """Load a saved model (``.keras``, ``.h5`` or SavedModel folder) safely.
+    """Load a saved ``.keras`` model without running code from the file.
 
-    Loads with ``safe_mode=True`` (no arbitrary lambdas), inside tfmot's ``prune_scope`` so that
-    models still wrapped for pruning load, and with cycleprune's custom objects (focal loss,
-    cyclical schedules, ``CyclicalSGD``), which are also registered for plain Keras loading.
+    A model file may come from anywhere, so loading trusts nothing in it. Only the ``.keras``
+    format is accepted: Keras revives ``.h5`` files and SavedModel folders with their ``Lambda``
+    layers' Python code even in safe mode. Before Keras sees the file, its ``config.json`` is
+    checked (:func:`check_artifact`): no code-carrying layers (``Lambda``, ``TFOpLambda``), and no
+    object from a module other than Keras, tfmot or cycleprune, because Keras imports whatever
+    module a config names. Then Keras loads it with ``safe_mode=True``, inside tfmot's
+    ``prune_scope`` so that models still wrapped for pruning load, and with cycleprune's custom
+    objects (focal loss, cyclical schedules, ``CyclicalSGD``), which are also registered for plain
+    Keras loading.
 
     Args:
         path: The saved model.
@@ -145,13 +151,15 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` exists but is not a loadable Keras model (the message names it).
+        ValueError: ``path`` exists but is not a loadable, trusted ``.keras`` model (the
+            message names it and, for an untrusted object, where it is in the config).
     """
     import tensorflow_model_optimization as tfmot
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}")
+    check_artifact(path)
     objects = custom_objects()
     try:
         with tfmot.sparsity.keras.prune_scope():
@@ -165,6 +173,88 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path} is not a Keras model (loaded a {type(model).__name__})")
     return model
+
+
+# Layers that run Python code or TensorFlow ops named by the file itself.
+_CODE_LAYERS = frozenset({"Lambda", "__lambda__", "TFOpLambda", "SlicingOpLambda"})
+# Top-level packages a saved object may come from: Keras, tfmot's pruning wrappers, cycleprune.
+TRUSTED_MODULES = ("keras", "tf_keras", "tensorflow_model_optimization", "cycleprune")
+_MAX_CONFIG_BYTES = 64 * 2**20
+
+
+def check_artifact(path: str | os.PathLike) -> None:
+    """Refuse a model file that could make Keras run code, before Keras reads it.
+
+    Keras' safe mode refuses ``lambda`` code in ``.keras`` files only; it still imports any module
+    a config names and calls what it finds there, and ``.h5``/SavedModel loading ignores it. So:
+    the file must be a ``.keras`` zip archive whose ``config.json`` (at most 64 MiB) contains no
+    ``Lambda``/``TFOpLambda``/``SlicingOpLambda`` layer, names no module outside
+    :data:`TRUSTED_MODULES`, and no ``builtins`` function that is a Python built-in (``eval``,
+    ``exec``, ``open``...).
+
+    Args:
+        path: The model file.
+
+    Raises:
+        ValueError: the file is another format, not a readable ``.keras`` archive, or names an
+            untrusted object (the message gives the path and where in the config).
+    """
+    import builtins
+    import json
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in (".h5", ".hdf5"):
+        kind = "a SavedModel folder" if path.is_dir() else "an HDF5 (.h5) file"
+        raise ValueError(
+            f"{path} is {kind}: only .keras files are loaded, because Keras runs the Python "
+            "code of Lambda layers stored in other formats even in safe mode"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > _MAX_CONFIG_BYTES:
+                raise ValueError(
+                    f"{path}: config.json is {info.file_size} bytes, more than the limit of "
+                    f"{_MAX_CONFIG_BYTES}"
+                )
+            config = json.loads(archive.read(info))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a .keras model archive: {err}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: config.json is not valid JSON: {err}") from err
+
+    def refuse(where: str, why: str) -> None:
+        raise ValueError(f"{path} is not a trusted model: {where} {why}; refusing to load it")
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        if "class_name" in node:
+            name, module = node["class_name"], node.get("module")
+            if isinstance(name, str) and name in _CODE_LAYERS:
+                refuse(where, f"is a {name} layer, which runs code stored in the file")
+            if module is not None:
+                if not isinstance(module, str):
+                    refuse(where, f"has a module that is not a string: {module!r}")
+                inner = node.get("config")
+                if module == "builtins":
+                    if name != "function" or not isinstance(inner, str) or hasattr(builtins, inner):
+                        refuse(where, f"names the Python built-in {inner!r}")
+                elif module.split(".")[0] not in TRUSTED_MODULES:
+                    refuse(
+                        where,
+                        f"names {name!r} from module {module!r} (only "
+                        f"{', '.join(TRUSTED_MODULES)} objects are loaded)",
+                    )
+        for key, value in node.items():
+            walk(value, f"{where}.{key}")
+
+    walk(config, "config.json")
 
 
 def _check_input_shape(input_shape) -> tuple[int, int, int]:
