@@ -46,6 +46,16 @@ lock: ## Re-pin requirements.txt from requirements.in in a fresh virtualenv
 	  .lock-venv/bin/pip freeze --exclude-editable ) > requirements.txt
 	rm -rf .lock-venv
 
+# pip-audit runs from a throwaway virtualenv, so neither it nor its dependencies enter the lock.
+# --strict: a package it cannot check (not on PyPI, no network) fails the audit instead of passing.
+PIP_AUDIT ?= pip-audit==2.10.1
+audit: ## Check the pinned requirements for known vulnerabilities (pip-audit, throwaway venv)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PYTHON) -m venv "$$tmp" && \
+	  "$$tmp/bin/pip" install --quiet "$(PIP_AUDIT)" && \
+	  "$$tmp/bin/pip-audit" --strict --disable-pip --no-deps --progress-spinner off \
+	    --desc on -r requirements.txt
+
 compile: $(STAMP) ## Compile the pipeline: IR YAML + Kubernetes manifests into build/compiled
 	$(PY) -m cycleprune compile --out build/compiled $(ARGS)
 
@@ -55,7 +65,7 @@ tensorboard: $(STAMP) ## Open TensorBoard on a run's logs (RUN=runs/<timestamp>,
 clean: ## Remove caches and local runs (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 
-.PHONY: help install run test test-fast lint format lock compile tensorboard clean
+.PHONY: help install run test test-fast lint format lock audit compile tensorboard clean
 
 # ---- image and cluster manifests -------------------------------------------------------------
 # The image tag is the one the pipeline compiler writes as every component's base_image:

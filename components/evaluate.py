@@ -15,22 +15,24 @@ def evaluate(
     classification: Output[ClassificationMetrics],
     plots: Output[HTML],
     metrics: Output[Metrics],
+    gpus: int = 0,
 ):
     """Threshold on validation, metrics on test, latency (cycleprune.evaluation).
 
     `classification` holds the Keras model's test confusion matrix and ROC curve (drawn by the
-    KFP UI); `metrics` the test scores of every format.
+    KFP UI); `metrics` the test scores of every format. `gpus` is the task's GPU request.
     """
     import math
     import tempfile
     import time
     from pathlib import Path
 
-    from cycleprune import report, storage
+    from cycleprune import distribution, report, storage
     from cycleprune.config import Config
     from cycleprune.evaluation import run_evaluation
     from cycleprune.selection import variant_name
 
+    distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
     variant = variant_name(target_sparsity)
     with tempfile.TemporaryDirectory() as work:

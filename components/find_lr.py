@@ -12,25 +12,33 @@ def find_lr(
     lr_finder: Output[Artifact],
     plot: Output[HTML],
     metrics: Output[Metrics],
+    checkpoint_root: str = "",
+    run_id: str = "",
+    gpus: int = 0,
 ):
     """LR range test (Smith 2017): exponential LR sweep, suggested CLR bounds.
 
     `lr_finder` (JSON) holds the curve, the suggestion and the bounds to use (`min_lr`,
     `max_lr`): the suggestion, unless the configuration sets schedule.min_lr/max_lr
-    (`bounds_from` says which).
+    (`bounds_from` says which). With a checkpoint_root, the sweep checkpoints itself in
+    <checkpoint_root>/<run_id>/find_lr, so a retry resumes it. `gpus` is the task's GPU request;
+    the sweep mirrors over every visible GPU.
     """
+    import os
     import tempfile
     import time
     from pathlib import Path
 
+    from cycleprune import distribution, report, storage
     from cycleprune import lr_finder as finder
-    from cycleprune import report, storage
     from cycleprune.config import Config
 
+    distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
+    checkpoints = os.path.join(checkpoint_root, run_id, "find_lr") if checkpoint_root else None
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        result = finder.run_lr_finder(dataset.path, work, cfg)
+        result = finder.run_lr_finder(dataset.path, work, cfg, checkpoint_dir=checkpoints)
         seconds = time.perf_counter() - start
         record = {**result.to_dict(), "seconds": seconds}
         storage.atomic_write_json(lr_finder.path, record)

@@ -19,11 +19,13 @@ def prune(
     tensorboard: Output[Artifact],
     plots: Output[HTML],
     metrics: Output[Metrics],
+    gpus: int = 0,
 ):
     """Prune the trained model to `sparsity` with tfmot and fine-tune it (cycleprune.pruning).
 
     The saved model is stripped (plain Keras layers with zeroed weights). With a checkpoint_root,
-    checkpoints live in <checkpoint_root>/<run_id>/<variant>, so a retry resumes.
+    checkpoints live in <checkpoint_root>/<run_id>/<variant>, so a retry resumes. `gpus` is the
+    task's GPU request; fine-tuning mirrors over every visible GPU.
     """
     import os
     import shutil
@@ -31,10 +33,11 @@ def prune(
     import time
     from pathlib import Path
 
-    from cycleprune import pruning, report, storage
+    from cycleprune import distribution, pruning, report, storage
     from cycleprune.config import Config
     from cycleprune.selection import variant_name
 
+    distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
     bounds = storage.read_json(lr_finder.path)
     variant = variant_name(sparsity)

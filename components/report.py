@@ -19,6 +19,7 @@ def report(
     dense_models: Input[Model],
     pruned_models: Input[list[Model]],
     selection: Input[Artifact],
+    push_decision: Input[Artifact],
     run: Output[Artifact],
     html: Output[HTML],
 ):
@@ -47,9 +48,12 @@ def report(
         },
         selection=selection.path,
         compress_seconds={m.metadata["variant"]: m.metadata["seconds"] for m in models},
+        push=push_decision.path,
     )
     summary = run_report.build_run(
         run.path, stages, Config.from_json(Path(config.path).read_text())
     )
     shutil.copy2(f"{run.path}/report.html", html.path)
     run.metadata.update({"selected": summary["selected"], "seconds": summary["seconds"]["total"]})
+    if summary["registry"]:
+        run.metadata.update({k: summary["registry"][k] for k in ("version", "promoted")})

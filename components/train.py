@@ -17,11 +17,13 @@ def train(
     tensorboard: Output[Artifact],
     plots: Output[HTML],
     metrics: Output[Metrics],
+    gpus: int = 0,
 ):
     """Train under a cyclical learning rate (cycleprune.training); model.keras in a folder.
 
     With a checkpoint_root, checkpoints live in <checkpoint_root>/<run_id>/train, so a retried
-    attempt resumes from the last finished epoch.
+    attempt resumes from the last finished epoch (or the step a SIGTERM saved). `gpus` is the
+    task's GPU request; training mirrors over every visible GPU (cycleprune.distribution).
     """
     import os
     import shutil
@@ -29,9 +31,10 @@ def train(
     import time
     from pathlib import Path
 
-    from cycleprune import report, storage, training
+    from cycleprune import distribution, report, storage, training
     from cycleprune.config import Config
 
+    distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
     bounds = storage.read_json(lr_finder.path)
     checkpoints = os.path.join(checkpoint_root, run_id, "train") if checkpoint_root else None

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cycleprune import __version__
+from cycleprune import __version__, redaction
 from cycleprune.config import PRESETS, Config, load_config
+from cycleprune.storage import StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = REPO_ROOT / "data" / "pneumoniamnist.npz"
@@ -192,18 +193,136 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not source.startswith("gs://"):
         source = str(Path(source).resolve())
     config = config.replace(data=_data_config_for(source, config))
+    registry = str(args.registry or "")
+    if registry and not registry.startswith("gs://"):
+        registry = str(Path(registry).resolve())
     started = time.monotonic()
     summary = local.run_local(
         config,
         source=source,
         out_dir=str(args.out) if args.out else None,
         stream_logs=args.verbose,
+        registry=registry,
+        model_name=args.model_name,
+        gate=_gate(args),
     )
     print()
     print(local.format_table(summary))
     print()
     print(f"Run folder: {summary['run_dir']}  ({time.monotonic() - started:.0f} s)")
     return 0
+
+
+def _gate(args: argparse.Namespace):
+    from cycleprune.registry import GateConfig
+
+    return GateConfig(
+        min_auc=args.min_auc,
+        min_sensitivity=args.min_sensitivity,
+        min_specificity=args.min_specificity,
+        tolerance=args.promotion_tolerance,
+    )
+
+
+def _gate_outcome(registry_uri: str, model_name: str, version: str) -> str:
+    from cycleprune import registry, storage
+
+    uri = storage.join_uri(
+        registry.model_uri(registry_uri, model_name), registry.DECISIONS_DIR, f"{version}.json"
+    )
+    try:
+        return "promoted" if json.loads(storage.read_bytes(uri))["promoted"] else "rejected"
+    except storage.ObjectNotFoundError:
+        return "-"
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from cycleprune import registry, storage
+
+    names = [args.model] if args.model else registry.list_models(args.registry)
+    for name in names:
+        pointer, _ = registry.read_production(args.registry, name)
+        current = pointer["version"] if pointer else None
+        print(
+            f"{name}: production {current} (revision {pointer['revision']})"
+            if pointer
+            else f"{name}: no production version"
+        )
+        rows = [("  version", "test AUC", "sensitivity", "specificity", "gzip", "gate", "run")]
+        for version in registry.list_versions(args.registry, name):
+            uri = registry.version_uri(args.registry, name, version)
+            card = json.loads(storage.read_bytes(storage.join_uri(uri, registry.CARD_JSON)))
+            test = card["metrics"]["test"]
+            rows.append(
+                (
+                    f"{'*' if version == current else ' '} {version}",
+                    *(
+                        f"{float(test.get(k) or 0):.4f}"
+                        for k in ("auc", "sensitivity", "specificity")
+                    ),
+                    str(card["sizes"]["gzip_bytes"]),
+                    _gate_outcome(args.registry, name, version),
+                    str(card.get("parent_run", "")),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            cells = zip(row, widths, strict=True)
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+    return 0
+
+
+def _cmd_models_show(args: argparse.Namespace) -> int:
+    from cycleprune import registry
+
+    _print_json(registry.show(args.registry, args.model, args.version))
+    return 0
+
+
+def _print_pointer(model_name: str, pointer: dict[str, Any]) -> None:
+    print(
+        f"{model_name}: production is now {pointer['version']} (revision "
+        f"{pointer['revision']}, was {pointer['previous']})"
+    )
+
+
+def _cmd_models_promote(args: argparse.Namespace) -> int:
+    from cycleprune import registry
+
+    _print_pointer(args.model, registry.promote(args.registry, args.model, args.version))
+    return 0
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    from cycleprune import registry
+
+    _print_pointer(args.model, registry.rollback(args.registry, args.model, args.to))
+    return 0
+
+
+def _add_models_commands(sub: Any) -> None:
+    models = sub.add_parser(
+        "models",
+        help="The model registry: list, show, promote, rollback.",
+        description="The model registry (a local folder or gs:// URI): list versions, show "
+        "one, point production at a version (promote: no gate) or back at an earlier one.",
+    )
+    verbs = models.add_subparsers(dest="models_command", required=True, metavar="<action>")
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], text: str, model: bool = True):
+        p = verbs.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        p.add_argument("--registry", required=True, help="a folder or gs://bucket/prefix")
+        p.add_argument("--model", required=model, help="model name")
+        return p
+
+    verb("list", _cmd_models_list, "List the versions (* = production) and gate decisions.", False)
+    p = verb("show", _cmd_models_show, "Print a version's model card, metrics and decision.")
+    p.add_argument("--version", help="default: the production version")
+    p = verb("promote", _cmd_models_promote, "Point production at a version (no gate).")
+    p.add_argument("--version", required=True, help="the version to serve")
+    p = verb("rollback", _cmd_models_rollback, "Point production back at an earlier version.")
+    p.add_argument("--to", help="default: the version in production before the current one")
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -220,6 +339,34 @@ def _cmd_show_config(args: argparse.Namespace) -> int:
     config = _config(args)
     print(config.to_yaml() if args.format == "yaml" else config.to_json())
     return 0
+
+
+def _add_registry_args(parser: argparse.ArgumentParser) -> None:
+    from cycleprune.registry import GateConfig
+
+    defaults = GateConfig()
+    group = parser.add_argument_group("model registry and promotion gate")
+    group.add_argument(
+        "--registry",
+        help="push the selected model to this registry (a folder or gs://bucket/prefix) and "
+        "promote it if it passes the gate (default: no push)",
+    )
+    group.add_argument("--model-name", default="cycleprune", help="registry model name")
+    for metric in ("auc", "sensitivity", "specificity"):
+        default = getattr(defaults, f"min_{metric}")
+        group.add_argument(
+            f"--min-{metric}",
+            type=float,
+            default=default,
+            help=f"gate: lowest test {metric} (default: {default})",
+        )
+    group.add_argument(
+        "--promotion-tolerance",
+        type=float,
+        default=defaults.tolerance,
+        help="gate: how much worse than the production model (evaluated on this run's test "
+        f"split) each metric may be (default: {defaults.tolerance})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the bundled PneumoniaMNIST)",
     )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<UTC timestamp>)")
+    _add_registry_args(p)
 
     p = command(
         "compile",
@@ -327,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("show-config", _cmd_show_config, "Print the resolved configuration.")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    _add_models_commands(sub)
 
     # upload / submit / schedule talk to a KFP API and live on the pipeline side (kfp). They are
     # listed here and parsed by pipelines.cluster, so other commands never pay for importing kfp.
@@ -356,21 +505,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    if args.command in CLUSTER_COMMANDS:
-        index = argv.index(args.command)
-        return _run_cluster_command(argv[index:])
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redaction.install()  # no log line of ours, kfp's or TensorFlow's prints a token
+    cluster = args.command in CLUSTER_COMMANDS
+    if extra and not cluster:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if cluster:
+            return _run_cluster_command(argv[argv.index(args.command) :])
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        # Bad input: one clear line, no traceback. Names of files/fields are in the message.
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, StorageError) as err:
+        # Bad input: one clear line, no traceback. Names of files/fields are in the message;
+        # credentials in it (a signed URL, a token) are redacted, control characters escaped.
+        print(f"error: {redaction.format_error(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        # Named stage failures carry everything needed in their message: the step, LR and last
+        # good checkpoint of a divergence; the checkpoint written before a SIGTERM stop.
+        from cycleprune.preemption import PreemptedError
+        from cycleprune.training import DivergenceError
+
+        if isinstance(err, PreemptedError):
+            print(f"preempted: {redaction.format_error(err)}", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as if the signal had ended the process
+        if isinstance(err, DivergenceError):
+            print(f"error: {redaction.format_error(err)}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

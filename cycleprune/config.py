@@ -33,6 +33,8 @@ PRUNING_SCHEDULES = ("polynomial", "constant")
 QUANTIZATIONS = ("float32", "dynamic", "int8")
 THRESHOLD_RULES = ("youden", "f1", "sensitivity", "fixed")
 SUGGESTION_RULES = ("steepest_valley",)
+# The evaluated formats (SavedModels are exported but not evaluated).
+SELECTABLE_FORMATS = ("keras", "tflite_float32", "tflite_dynamic", "tflite_int8")
 
 
 def _fail(section: str, name: str, value: Any, why: str) -> None:
@@ -64,7 +66,8 @@ class DataConfig:
             when the source has none.
         shard_size: Images per TFRecord shard.
         limit: Keep at most this many images per split, stratified (0 = all). For smoke runs.
-        batch_size: Global batch size.
+        batch_size: Batch size per replica: a step on ``n`` GPUs (MirroredStrategy) consumes
+            ``n * batch_size`` images (see :mod:`cycleprune.distribution`).
         shuffle_buffer: Shuffle buffer size, in images.
         cache: Cache decoded images in memory when the split fits (see ``cache_max_mb``).
         cache_max_mb: Upper bound for the in-memory cache.
@@ -145,11 +148,11 @@ class DataConfig:
         else:
             weights = _weights_tuple(weight)
             _check(
-                len(weights) >= 2 and all(w > 0 for w in weights),
+                len(weights) >= 2 and all(math.isfinite(w) and w > 0 for w in weights),
                 s,
                 "class_weight",
                 weight,
-                "must hold one weight > 0 per class (at least 2)",
+                "must hold one weight > 0 per class (finite, at least 2)",
             )
             object.__setattr__(self, "class_weight", weights)
 
@@ -158,7 +161,7 @@ def _weights_tuple(value: Any) -> tuple[float, ...]:
     if isinstance(value, Mapping):
         try:
             keys = sorted(int(k) for k in value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             _fail("data", "class_weight", value, "keys must be class indices")
         if keys != list(range(len(keys))):
             _fail("data", "class_weight", value, "keys must be 0..k-1")
@@ -283,6 +286,10 @@ class TrainConfig:
         loss: ``focal`` (``focal_gamma``, ``focal_alpha``) or ``crossentropy``.
         label_smoothing: Label smoothing for either loss.
         seed: Seed for weight initialisation.
+        deterministic: Deterministic kernels and seeded Python/NumPy/TF random generators
+            (``tf.config.experimental.enable_op_determinism`` + ``keras.utils.set_random_seed``
+            with ``seed``), so that a run and a killed-and-resumed run end with the same weights.
+            Slower on GPUs; some GPU ops have no deterministic kernel and then raise.
     """
 
     epochs: int = 8
@@ -294,6 +301,7 @@ class TrainConfig:
     focal_alpha: float = 0.25
     label_smoothing: float = 0.0
     seed: int = 42
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         s = "train"
@@ -339,6 +347,13 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         s = "prune"
+        _check(
+            isinstance(self.sparsities, Sequence) and not isinstance(self.sparsities, str),
+            s,
+            "sparsities",
+            self.sparsities,
+            "must be a list of numbers",
+        )
         object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
         _check(len(self.sparsities) > 0, s, "sparsities", self.sparsities, "must not be empty")
         for value in self.sparsities:
@@ -376,7 +391,7 @@ class PruneConfig:
         _positive(s, "frequency", self.frequency)
         if self.m_by_n:
             parts = self.m_by_n.split(":")
-            ok = len(parts) == 2 and all(p.isdigit() for p in parts)
+            ok = len(parts) == 2 and all(p.isascii() and p.isdigit() and len(p) < 5 for p in parts)
             ok = ok and 0 < int(parts[0]) < int(parts[1])
             _check(ok, s, "m_by_n", self.m_by_n, "must look like '2:4' (m < n)")
 
@@ -447,6 +462,15 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
+        _check(len(self.formats) > 0, "select", "formats", self.formats, "must not be empty")
+        for value in self.formats:
+            _check(
+                value in SELECTABLE_FORMATS,
+                "select",
+                "formats",
+                self.formats,
+                f"must all be one of {', '.join(SELECTABLE_FORMATS)}",
+            )
         for name in ("auc_tolerance", "sensitivity_tolerance"):
             value = getattr(self, name)
             _check(0 <= value < 1, "select", name, value, "must be in [0, 1)")
@@ -478,14 +502,14 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str) -> Config:
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(_parse(text, "json", "config JSON"))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_yaml(cls, text: str) -> Config:
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(_parse(text, "yaml", "config YAML") or {})
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
@@ -511,13 +535,21 @@ class Config:
                 )
             try:
                 value = yaml.safe_load(raw)
-            except yaml.YAMLError as err:
+            except (yaml.YAMLError, RecursionError) as err:
                 raise ValueError(f"Cannot parse value in {assignment!r}: {err}") from None
             if isinstance(data[section][name], str) and not isinstance(value, (str, list, dict)):
                 # A string field keeps the text as typed: YAML 1.1 would read "2:4" as 124.
                 value = raw.strip()
             data[section][name] = value
         return Config.from_dict(data)
+
+
+def _parse(text: str, kind: str, what: str) -> Any:
+    """YAML (safe loader: no Python tags) or JSON; every parse failure is a ValueError."""
+    try:
+        return yaml.safe_load(text) if kind == "yaml" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"Cannot parse {what}: {err}") from None
 
 
 def _to_plain(value: Any) -> Any:
@@ -534,7 +566,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"{label} must be a mapping. Received: {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ValueError(
             f"Unknown key(s) in {label}: {', '.join(map(str, unknown))}. Known: {', '.join(fields)}"
@@ -595,6 +627,10 @@ def _coerce_one(hint: Any, value: Any, path: str) -> Any:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            raise bad("finite") from None
         if not math.isfinite(value):
             raise bad("finite")
         return float(value)
@@ -690,13 +726,12 @@ def load_config(
     config = preset(preset_name)
     if path is not None:
         path = Path(path)
-        text = path.read_text()
         try:
-            loaded = (
-                yaml.safe_load(text) if path.suffix in (".yaml", ".yml", "") else json.loads(text)
-            )
-        except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ValueError(f"Cannot parse config file {path}: {err}") from None
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"Config file {path} is not UTF-8 text: {err}") from None
+        kind = "yaml" if path.suffix in (".yaml", ".yml", "") else "json"
+        loaded = _parse(text, kind, f"config file {path}")
         if not isinstance(loaded, Mapping):
             raise ValueError(f"Config file {path} must hold a mapping of sections.")
         merged = config.to_dict()

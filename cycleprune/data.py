@@ -26,6 +26,7 @@ import json
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -452,9 +453,11 @@ def prepare_dataset(
         DataError: the source is not usable (the message names the file, key or split).
     """
     path = Path(source)
-    if not path.exists():
+    if storage.is_gcs(source):
+        class_names, splits = _open_gcs(str(source), config)
+    elif not path.exists():
         raise FileNotFoundError(f"Data source not found: {path}")
-    if path.is_dir():
+    elif path.is_dir():
         if (path / INFO_FILE).exists():
             class_names, splits = _open_prepared(path, config)
         else:
@@ -570,7 +573,7 @@ def _stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
 def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Split]]:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except _NPZ_ERRORS as err:
         raise DataError(f"Cannot read {path} as a .npz archive: {err}") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not a .npz archive of named arrays")
@@ -584,7 +587,7 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
             for key in wanted:
                 if key not in keys:
                     raise DataError(f"{path} has no array {key!r} (keys: {sorted(keys)})")
-                arrays[key] = _npz_array(archive, key, path)
+                arrays[key] = _npz_array(archive, key, path, images=key.endswith("_images"))
         names_array = _npz_array(archive, "class_names", path) if "class_names" in keys else None
     splits_found = [s for s in SPLITS if f"{s}_images" in arrays]
     labels = {}
@@ -608,9 +611,24 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
                 f"{path}: 'class_names' must be a 1-D string array. Received: dtype="
                 f"{names_array.dtype}, shape={names_array.shape}"
             )
-        class_names = [v.decode() if isinstance(v, bytes) else str(v) for v in names_array]
+        try:
+            class_names = [v.decode() if isinstance(v, bytes) else str(v) for v in names_array]
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: 'class_names' is not valid UTF-8: {err}") from err
+        if len(set(class_names)) != len(class_names) or not all(n.strip() for n in class_names):
+            raise DataError(
+                f"{path}: 'class_names' must hold distinct non-empty names. "
+                f"Received: {class_names[:20]}"
+            )
         origin = f"{path} 'class_names'"
     else:
+        n_train = len(labels["train"])
+        if n_train and top >= n_train:  # every class needs a training image; bounds the names
+            raise DataError(
+                f"{path}: label {top} means {top + 1} classes, but train_labels has only "
+                f"{n_train} labels (every class needs training images); name the classes "
+                f"with data.class_names, or fix the labels"
+            )
         class_names = [f"class_{i}" for i in range(top + 1)]
         origin = ""
     if origin and top >= len(class_names):
@@ -628,16 +646,51 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
     return class_names, splits
 
 
-def _npz_array(archive: Any, key: str, path: Path) -> np.ndarray:
+# What numpy and zipfile raise for a damaged archive or array (zlib.error: corrupt deflate data;
+# NotImplementedError: an unsupported zip compression method).
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+
+def _npz_array(archive: Any, key: str, path: Path, *, images: bool = False) -> np.ndarray:
+    """One array of an open ``.npz``; its header is checked before any data is read."""
     try:
-        return archive[key]
-    except ValueError as err:  # object arrays (ragged images, Python objects) need pickle
+        with archive.zip.open(f"{key}.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            header_bytes = handle.tell()
+        size = archive.zip.getinfo(f"{key}.npy").file_size
+    except KeyError as err:
+        raise DataError(f"{path}: {key!r} is not a .npy array") from err
+    except _NPZ_ERRORS as err:
+        raise DataError(f"{path}: array {key!r} is corrupt: {err}") from err
+    if dtype.hasobject:  # object arrays (ragged images, Python objects) need pickle
         raise DataError(
             f"{path}: array {key!r} cannot be loaded without pickle (an object "
-            f"array, e.g. images of mixed sizes): {err}"
-        ) from err
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+            f"array, e.g. images of mixed sizes; dtype {dtype})"
+        )
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > size - header_bytes:  # a header that promises more data than the file holds
+        raise DataError(
+            f"{path}: array {key!r} is corrupt: its header declares shape {shape} "
+            f"({declared} bytes) but the file holds {size - header_bytes} bytes of data"
+        )
+    if images and len(shape) >= 3 and shape[1] * shape[2] > MAX_PIXELS:
+        raise DataError(
+            f"{path}: {key} has images of {shape[1]}x{shape[2]} pixels, more than the "
+            f"limit of {MAX_PIXELS}"
+        )
+    try:
+        array = archive[key]
+    except _NPZ_ERRORS as err:
         raise DataError(f"{path}: array {key!r} is corrupt: {err}") from err
+    if not isinstance(array, np.ndarray):  # pragma: no cover - numpy returns arrays for .npy
+        raise DataError(f"{path}: {key!r} is not a .npy array")
+    return array
 
 
 def _check_images(images: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -711,6 +764,17 @@ def _open_folder(root: Path, config: DataConfig) -> tuple[list[str], dict[str, _
                 raise DataError(f"Unknown split folder {entry}: expected train, val or test")
             files[entry.name] = _class_files(entry, real_root)
         # Other files at the top (README, LICENSE) are not part of the data.
+    return _folder_splits(str(root), files, config, _file_reader)
+
+
+def _folder_splits(
+    root: str,
+    files: Mapping[str, Mapping[str, list[Any]]],
+    config: DataConfig,
+    reader: Callable[[list[Any], DataConfig], Reader],
+) -> tuple[list[str], dict[str, _Split]]:
+    """Check an image tree's ``{split: {class: [files]}}`` (local paths or ``gs://`` URIs);
+    per split: every file of every class, in a seeded random order, with its label."""
     for split in ("train", "test"):
         if split not in files:
             why = " (evaluation needs a held-out test split)" if split == "test" else ""
@@ -724,8 +788,8 @@ def _open_folder(root: Path, config: DataConfig) -> tuple[list[str], dict[str, _
             missing = sorted(set(class_names) - set(by_class))
             extra = sorted(set(by_class) - set(class_names))
             raise DataError(
-                f"Split folder {root / split} has different classes than "
-                f"{root / 'train'}: missing {missing}, extra {extra}"
+                f"Split folder {root}/{split} has different classes than "
+                f"{root}/train: missing {missing}, extra {extra}"
             )
     splits = {}
     for index, split in enumerate(SPLITS):
@@ -735,7 +799,7 @@ def _open_folder(root: Path, config: DataConfig) -> tuple[list[str], dict[str, _
         order = _rng(config.seed, 3, index).permutation(len(items))
         paths = [items[i][0] for i in order]
         labels = np.array([items[i][1] for i in order], dtype=np.int64)
-        splits[split] = _Split(labels, _file_reader(paths, config), str(root / split))
+        splits[split] = _Split(labels, reader(paths, config), f"{root}/{split}")
     return class_names, splits
 
 
@@ -790,14 +854,17 @@ def _file_reader(paths: list[Path], config: DataConfig) -> Reader:
     return read
 
 
-def _decode_file(path: Path, config: DataConfig) -> np.ndarray:
-    """Decode one image file to uint8 ``[H, W, C]`` in the configured channels and size."""
+def _decode_file(path: Path | str, config: DataConfig, data: bytes | None = None) -> np.ndarray:
+    """Decode one image file (or its ``data``, fetched from ``path``) to uint8 ``[H, W, C]`` in
+    the configured channels and size."""
+    import io
+
     from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise DataError(
@@ -855,6 +922,85 @@ def _convert_array(image: np.ndarray, config: DataConfig, where: str) -> np.ndar
     except (TypeError, ValueError) as err:
         raise DataError(f"Cannot convert image {where} with shape {image.shape}: {err}") from err
     return _to_array(pil, config)
+
+
+# ---- gs:// sources: a .npz object, or an image-folder prefix streamed one object at a time
+
+# An image object larger than this is refused before it is downloaded.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+# Objects downloaded ahead of the writer: memory holds at most this many encoded images.
+_PREFETCH = 8
+
+
+def _open_gcs(uri: str, config: DataConfig) -> tuple[list[str], dict[str, _Split]]:
+    import tempfile
+
+    if uri.lower().endswith(".npz"):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.download_file(uri, Path(tmp) / "source.npz")
+            try:
+                return _open_npz(local, config)  # reads the arrays: the file can go
+            except DataError as err:
+                raise DataError(str(err).replace(str(local), uri)) from None
+    root = uri.rstrip("/")
+    files: dict[str, dict[str, list[str]]] = {}
+    names = storage.list_uri(root)
+    if not names:
+        raise storage.ObjectNotFoundError(
+            f"Data source not found: no objects under {root}/ (expected a .npz object or an "
+            f"image-folder prefix {root}/<train|val|test>/<class>/<image>)"
+        )
+    for name in names:
+        parts = name.split("/")
+        if name.endswith("/") or any(part.startswith(".") for part in parts):
+            continue  # folder placeholders and hidden files, as in local folders
+        where = f"{root}/{name}"
+        if len(parts) == 1:
+            if name == INFO_FILE:
+                raise DataError(
+                    f"{root} is a prepared dataset: read prepared datasets from a local folder"
+                )
+            continue  # other files at the top (README, LICENSE) are not part of the data
+        if parts[0] not in SPLITS:
+            raise DataError(f"Unknown split folder {root}/{parts[0]}: expected train, val or test")
+        if len(parts) == 2:
+            raise DataError(
+                f"File {where} is not inside a class folder: expected "
+                f"{root}/{parts[0]}/<class>/<image>"
+            )
+        if len(parts) > 3:
+            raise DataError(
+                f"Unexpected folder {root}/{'/'.join(parts[:3])}: class folders hold images only"
+            )
+        if Path(parts[2]).suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"File {where} is not an image: expected {', '.join(IMAGE_EXTENSIONS)}")
+        files.setdefault(parts[0], {}).setdefault(parts[1], []).append(where)
+    return _folder_splits(root, files, config, _gcs_reader)
+
+
+def _gcs_reader(uris: list[str], config: DataConfig) -> Reader:
+    def fetch(uri: str) -> bytes:
+        return storage.read_bytes(uri, max_bytes=MAX_IMAGE_BYTES)
+
+    def read(indices: np.ndarray) -> Iterator[tuple[np.ndarray, str]]:
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = iter(indices)
+        with ThreadPoolExecutor(max_workers=_PREFETCH) as pool:
+            pending = collections.deque()
+            for i in wanted:
+                pending.append((i, pool.submit(fetch, uris[i])))
+                if len(pending) == _PREFETCH:
+                    break
+            while pending:
+                i, future = pending.popleft()
+                following = next(wanted, None)
+                if following is not None:
+                    pending.append((following, pool.submit(fetch, uris[following])))
+                yield _decode_file(uris[i], config, data=future.result()), uris[i]
+
+    return read
 
 
 # ---- prepared datasets

@@ -397,9 +397,9 @@ def _format_of(path: Path) -> str:
     if path.suffix == ".tflite":
         stem = path.stem.removeprefix("model_")
         return f"tflite_{stem}"
-    if path.suffix in (".keras", ".h5"):
+    if path.suffix == ".keras":
         return "keras"
-    raise ValueError(f"Cannot evaluate {path}: expected a .keras, .h5 or .tflite file")
+    raise ValueError(f"Cannot evaluate {path}: expected a .keras or .tflite file")
 
 
 def _candidates(model_dir_or_path: str | os.PathLike) -> tuple[list[dict[str, Any]], Any]:

@@ -25,7 +25,12 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
 - ``seconds``: compute seconds per stage (``prune``, ``compress`` and ``evaluate`` per variant)
   and ``total``;
 - ``tensorboard``: ``{run name: folder relative to the run folder}``; ``report``: ``report.html``;
-- ``config``: the resolved configuration; ``cycleprune_version``.
+- ``config``: the resolved configuration; ``cycleprune_version``;
+- ``registry``: None, or the ``push`` stage's outcome: ``registry``, ``model_name``,
+  ``version``, ``uri``, ``promoted``, ``summary`` (one sentence), ``reasons``, ``gate``,
+  ``candidate`` and ``champion`` (test ``auc``, ``sensitivity``, ``specificity``; the champion
+  evaluated on this run's test split), ``champion_version``, ``production`` (the version in
+  production after the run).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from cycleprune.selection import DENSE, variant_name
 
 SCHEMA = 1
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
+_GATE_METRICS = ("auc", "sensitivity", "specificity")  # cycleprune.registry.GATE_METRICS
 Figure = tuple[str, Path]  # (caption, PNG path)
 
 
@@ -283,7 +289,90 @@ def format_table(summary: Mapping[str, Any]) -> str:
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append(f"* selected: {summary.get('selected')}")
-    return "\n".join(text)
+    return "\n".join(text + registry_lines(summary.get("registry")))
+
+
+def registry_summary(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``registry`` entry of ``summary.json`` from the ``push`` stage's record."""
+    if not record or record.get("skipped"):
+        return None
+    decision = record["decision"]
+    production = record.get("production") or {}
+    return {
+        "registry": record["registry"],
+        "model_name": record["model_name"],
+        "version": record["version"],
+        "uri": record["uri"],
+        "promoted": record["promoted"],
+        "summary": decision["summary"],
+        "reasons": decision["reasons"],
+        "gate": decision["gate"],
+        "candidate": decision["candidate"],
+        "champion": decision["champion"],
+        "champion_version": decision["champion_version"],
+        "production": production.get("version"),
+    }
+
+
+def _gate_metrics(metrics: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k} {_num((metrics or {}).get(k))}" for k in _GATE_METRICS)
+
+
+def registry_lines(registry: Mapping[str, Any] | None) -> list[str]:
+    """Plain-text lines about the push and the gate's decision (none when nothing was pushed)."""
+    if not registry:
+        return []
+    lines = [
+        f"registry: pushed {registry['model_name']} {registry['version']} to "
+        f"{registry['registry']}",
+        f"gate: {registry['summary']}",
+        f"  candidate: {_gate_metrics(registry['candidate'])}",
+    ]
+    if registry.get("champion"):
+        lines.append(
+            f"  production {registry['champion_version']} on this run's test split: "
+            f"{_gate_metrics(registry['champion'])}"
+        )
+    lines.append(f"production: {registry.get('production') or 'none'}")
+    return lines
+
+
+def _registry_html(registry: Mapping[str, Any]) -> str:
+    rows = [["candidate " + registry["version"], *_gate_cells(registry["candidate"])]]
+    if registry.get("champion"):
+        rows.append(
+            ["production " + str(registry["champion_version"]), *_gate_cells(registry["champion"])]
+        )
+    gate = registry["gate"]
+    rows.append(
+        [
+            "thresholds",
+            _num(gate["min_auc"]),
+            _num(gate["min_sensitivity"]),
+            _num(gate["min_specificity"]),
+        ]
+    )
+    verdict = "promoted" if registry["promoted"] else "rejected"
+    return (
+        f"<p>Pushed <b>{html.escape(registry['model_name'])} "
+        f"{html.escape(registry['version'])}</b> to {html.escape(registry['uri'])}: "
+        f"<b>{verdict}</b>. {html.escape(registry['summary'])} Production: "
+        f"{html.escape(str(registry.get('production') or 'none'))}. Tolerance against "
+        f"production: {_num(gate['tolerance'])}.</p>"
+        + _table(["model (test split of this run)", "AUC", "sensitivity", "specificity"], rows)
+    )
+
+
+def _gate_cells(metrics: Mapping[str, Any]) -> list[str]:
+    return [_num(metrics.get(k)) for k in _GATE_METRICS]
+
+
+def push_html(record: Mapping[str, Any] | None) -> str:
+    """The ``push`` stage's page for the KFP UI: the decision and both models' metrics."""
+    registry = registry_summary(record)
+    if registry is None:
+        return _page("Model registry", "<p>No registry given: nothing was pushed.</p>")
+    return _page("Model registry", _registry_html(registry))
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +394,7 @@ class StageOutputs:
         tensorboard: ``{run name: TensorBoard log folder}`` (``train``, ``prune_50``, ...).
         selection: ``select_model``'s JSON.
         compress_seconds: ``{variant: seconds}``.
+        push: ``push``'s JSON (the registry record), if the run has that stage.
     """
 
     dataset: str
@@ -316,6 +406,7 @@ class StageOutputs:
     tensorboard: Mapping[str, str]
     selection: str
     compress_seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    push: str | None = None
 
 
 def _seconds(value: Any) -> float:
@@ -333,6 +424,7 @@ def summarize(
     selection: Mapping[str, Any],
     compress_seconds: Mapping[str, float] | None = None,
     tensorboard: Sequence[str] = (),
+    push: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the ``summary.json`` dict (see the module docstring) from the stage records."""
     from cycleprune.selection import collect_entries
@@ -407,6 +499,7 @@ def summarize(
         "tensorboard": {name: f"tensorboard/{name}" for name in tensorboard},
         "report": "report.html",
         "config": config.to_dict(),
+        "registry": registry_summary(push),
     }
 
 
@@ -425,6 +518,10 @@ def render_html(
         f"<p>cycleprune {html.escape(summary['cycleprune_version'])}. Deployed model: "
         f"<b>{html.escape(selected)}</b>. {html.escape(summary['selection']['reason'])}</p>"
     ]
+
+    if summary.get("registry"):
+        parts.append("<h2>Model registry</h2>")
+        parts.append(_registry_html(summary["registry"]))
 
     parts.append("<h2>Results (test split, threshold chosen on validation)</h2>")
     rows, classes = [], []
@@ -570,6 +667,7 @@ def build_run(out_dir: str | os.PathLike, stages: StageOutputs, config: Config) 
         **records,
         compress_seconds=stages.compress_seconds,
         tensorboard=sorted(stages.tensorboard),
+        push=storage.read_json(stages.push) if stages.push else None,
     )
     with storage.atomic_dir(out_dir) as tmp:
         for variant, folder in sorted(stages.models.items()):

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from cycleprune import __version__
+from cycleprune import __version__, redaction
 
 API_PREFIX = "/apis/v2beta1"
 DEFAULT_TIMEOUT = 10.0
@@ -131,7 +131,8 @@ def _server_message(body: Any) -> str:
         message = json.loads(body).get("message") or ""
     except (ValueError, AttributeError):
         message = str(body)
-    message = " ".join(str(message).split())
+    # Redacted before it is cut: a server may echo a request's token or signed URL.
+    message = redaction.redact(" ".join(str(message).split()))
     return f" Server said: {message[:400]}" if message else ""
 
 
@@ -285,7 +286,8 @@ def _package_spec(package_path: Path) -> dict[str, Any]:
 
 
 def _ui(host: str, ui_host: str | None) -> str:
-    return (ui_host or os.environ.get(UI_HOST_ENV) or host).rstrip("/")
+    """The base of printed links (a user:password@ in it is redacted)."""
+    return redaction.redact((ui_host or os.environ.get(UI_HOST_ENV) or host).rstrip("/"))
 
 
 def _state(value: Any) -> str:
@@ -645,7 +647,7 @@ def _run_command(action) -> int:
     try:
         return action()
     except ClusterError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redaction.format_error(err)}", file=sys.stderr)
         return 3
 
 

@@ -35,6 +35,7 @@ from components._base import DEFAULT_IMAGE
 from components.parameters import pipeline_arguments
 from cycleprune import storage
 from cycleprune.config import Config
+from cycleprune.registry import GateConfig, check_model_name
 from cycleprune.report import format_table
 from pipelines.pipeline import CACHED_STAGES, build_pipeline
 
@@ -177,6 +178,9 @@ def run_local(
     keep_task_outputs: bool = False,
     log_file: str | Path | None = None,
     stream_logs: bool = False,
+    registry: str = "",
+    model_name: str = "cycleprune",
+    gate: GateConfig | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline with ``kfp.local`` and assemble the run folder.
 
@@ -197,6 +201,10 @@ def run_local(
             across runs for caching.
         keep_task_outputs: Keep this run's task folders under ``pipeline_root`` (for debugging;
             by default only the cached stages' outputs stay).
+        registry: Push the selected model to this registry (a folder or ``gs://`` URI) and
+            promote it if it passes the gate; empty = no push. A local path is made absolute.
+        model_name: The model's name in the registry.
+        gate: The promotion gate's thresholds; default :class:`cycleprune.registry.GateConfig`.
 
     Returns:
         The summary dict (also written to ``<run folder>/summary.json``), with ``run_dir`` (the
@@ -216,6 +224,17 @@ def run_local(
         source = str(Path(source).resolve())
     image = image or DEFAULT_IMAGE
     arguments = {**pipeline_arguments(config), "source": source}
+    if registry:
+        check_model_name(model_name)
+        gate = gate or GateConfig()
+        arguments.update(
+            registry=registry if "://" in registry else str(Path(registry).resolve()),
+            model_name=model_name,
+            min_auc=gate.min_auc,
+            min_sensitivity=gate.min_sensitivity,
+            min_specificity=gate.min_specificity,
+            promotion_tolerance=gate.tolerance,
+        )
 
     hide_docker_folder()
     local.init(

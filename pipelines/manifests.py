@@ -4,8 +4,9 @@ Generated files, all checked for drift by ``tests/test_manifests.py``:
 
 - ``compiled/<variant>/cycleprune_pipeline.k8s.yaml`` and its ``kustomization.yaml``: the
   ``Pipeline`` + ``PipelineVersion`` compiled by :func:`pipelines.compile.compile_pipeline`, once
-  per variant of :data:`VARIANTS`. GPUs are a compile-time setting of the pipeline, so the GPU
-  overlay and the CPU overlay each include their own variant;
+  per variant of :data:`VARIANTS`. The GPU variant requests ``gpus`` GPUs per GPU stage (a
+  pipeline parameter, default 1); the CPU variant has no GPU settings at all. The GPU overlay and
+  the CPU overlay each include their own variant;
 - ``components/params/images.yaml``: a kustomize replacement that sets the image of every
   executor (and of the retrain CronJob) to ``IMAGE`` from an overlay's ``params.env``. Kustomize
   cannot address "every key of a map", so the executor names are listed explicitly.
@@ -23,7 +24,8 @@ from components._base import DEFAULT_IMAGE
 from cycleprune import storage
 from pipelines.compile import MANIFEST_FILE, compile_pipeline
 
-# Compiled variant -> GPUs per GPU stage (find_lr, train, prune, evaluate).
+# Compiled variant -> default of the `gpus` parameter (GPUs per GPU stage: find_lr, train,
+# prune, evaluate); 0 compiles a variant without any GPU request or toleration.
 VARIANTS: dict[str, int] = {"gpu": 1, "cpu": 0}
 COMPILED = Path("compiled")
 IMAGE_REPLACEMENT = Path("components") / "params" / "images.yaml"
@@ -89,7 +91,7 @@ def image_replacement(manifest_texts: Sequence[str]) -> str:
 
 
 def _kustomization(variant: str, gpus: int) -> str:
-    what = f"{gpus} GPU(s) per GPU stage" if gpus else "CPU only (no GPU requests)"
+    what = f"`gpus` GPUs per GPU stage (default {gpus})" if gpus else "CPU only (no GPU requests)"
     return (
         _HEADER + f"# The pipeline compiled for the {variant} overlay: {what}.\n"
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"

@@ -7,19 +7,26 @@
                                               +-> ParallelFor(sparsities):   v
                                                   prune -> compress -> evaluate
                                                                              |
-                                                        report <- select_model
+                                           report <- push <- select_model <-+
 
-Cluster settings (applied at compile time; ``kfp.local`` ignores them):
+``push`` writes the selected model to ``<registry>/<model_name>/<version>/`` and moves the
+production pointer only if the candidate passes the promotion gate (:mod:`cycleprune.registry`);
+with an empty ``registry`` it does nothing.
+
+Cluster settings (``kfp.local`` ignores them):
 
 - ``find_lr``, ``train``, ``prune`` and ``evaluate`` request ``gpus`` accelerators of type
-  ``nvidia.com/gpu`` and tolerate the ``nvidia.com/gpu`` taint that GPU node pools usually carry.
-  ``gpus`` is a compile-time option (0 = CPU only, no toleration), not a pipeline parameter: KFP
-  2.17 accepts a parameter in ``set_accelerator_limit`` but does not pass it into the
-  ``ParallelFor`` sub-DAG, so the ``prune`` and loop ``evaluate`` tasks would reference an input
-  their DAG does not have;
+  ``nvidia.com/gpu`` (``gpus`` is a pipeline parameter, resolved per task at run time) and
+  tolerate the ``nvidia.com/gpu`` taint that GPU node pools usually carry; the training stages
+  mirror over the GPUs they get (:mod:`cycleprune.distribution`). KFP 2.17 does not pass a
+  channel used only in ``set_accelerator_limit`` into the ``ParallelFor`` sub-DAG (its tasks
+  would reference an input their DAG lacks), so every GPU stage also takes ``gpus`` as a
+  component input: that makes the compiler declare it on the loop's DAG. Compiling with
+  ``gpus=0`` gives the CPU-only variant: no accelerator request, no toleration at all;
 - every task has CPU and memory requests and limits (:data:`RESOURCES`);
-- ``train`` and ``prune`` are retried (:data:`RETRIES`, exponential back-off). With a
-  ``checkpoint_root`` a retry resumes from the last finished epoch;
+- ``find_lr``, ``train`` and ``prune`` are retried (:data:`RETRIES`, exponential back-off).
+  With a ``checkpoint_root`` a retry resumes from the last checkpoint (every epoch, and the
+  exact step on SIGTERM);
 - caching: only ``configure`` and ``prepare_data`` are cached. Both are deterministic functions
   of their inputs, and ``prepare_data``'s inputs are the source and the data settings only, so a
   run that changes ``epochs`` reuses the prepared dataset. The training stages are not cached: a
@@ -36,6 +43,7 @@ import functools
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact
+from kfp.dsl.pipeline_channel import PipelineChannel
 
 from components._base import DEFAULT_IMAGE
 from components.compress import compress
@@ -44,9 +52,11 @@ from components.evaluate import evaluate
 from components.find_lr import find_lr
 from components.prepare_data import prepare_data
 from components.prune import prune
+from components.push import push
 from components.report import report
 from components.select_model import select_model
 from components.train import train
+from cycleprune.registry import GateConfig
 
 PIPELINE_NAME = "cycleprune"
 # Where the project image keeps the bundled PneumoniaMNIST (the repository lives in /app).
@@ -55,6 +65,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_STAGES = ("find_lr", "train", "prune", "evaluate")
 CACHED_STAGES = ("configure", "prepare_data")
 RETRIES = 2
+RETRIED_STAGES = ("find_lr", "train", "prune")
 RETRY_BACKOFF = "60s"
 # (cpu request, cpu limit, memory request, memory limit) per stage.
 RESOURCES = {
@@ -67,22 +78,29 @@ RESOURCES = {
     "evaluate": ("2", "8", "8Gi", "16Gi"),
     "select_model": ("500m", "1", "1Gi", "2Gi"),
     "report": ("1", "2", "2Gi", "4Gi"),
+    "push": ("1", "2", "4Gi", "8Gi"),
 }
+# The promotion gate's default thresholds (pipeline parameters).
+GATE = GateConfig()
 
 
 def _settle(
-    task: dsl.PipelineTask, stage: str, image: str, gpus: int, retries: int
+    task: dsl.PipelineTask, stage: str, image: str, gpus: int | PipelineChannel, retries: int
 ) -> dsl.PipelineTask:
-    """Apply the stage's image, caching, resources, accelerator, toleration and retry policy."""
+    """Apply the stage's image, caching, resources, accelerator, toleration and retry policy.
+
+    ``gpus`` is the ``gpus`` pipeline parameter (a channel), or an int: 0 = no accelerator.
+    """
     cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
     task.set_container_image(image)
     task.set_caching_options(enable_caching=stage in CACHED_STAGES)
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
-    if stage in GPU_STAGES and gpus:
+    accelerated = isinstance(gpus, PipelineChannel) or gpus > 0
+    if stage in GPU_STAGES and accelerated:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    if stage in ("train", "prune") and retries:
+    if stage in RETRIED_STAGES and retries:
         task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
     return task
 
@@ -93,8 +111,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
     Args:
         image: Container image of every component (the project image: TensorFlow, kfp and
             cycleprune installed).
-        gpus: GPUs requested by each GPU stage (0 = run everything on CPU).
-        retries: Retries of ``train`` and ``prune`` (``kfp.local`` honours them too).
+        gpus: Default of the ``gpus`` pipeline parameter: GPUs requested by each GPU stage.
+            0 compiles the CPU-only variant, whose tasks request no accelerator and tolerate no
+            GPU taint whatever ``gpus`` says at run time (its GPU stages then log a warning).
+        retries: Retries of ``find_lr``, ``train`` and ``prune`` (``kfp.local`` honours them
+            too).
 
     Returns:
         The ``@dsl.pipeline`` graph component (compile it, or call it under ``kfp.local``).
@@ -106,6 +127,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
         raise ValueError(
             f"Arguments `gpus` and `retries` must be >= 0. Received: gpus={gpus}, retries={retries}"
         )
+    accelerated = gpus > 0
+    default_gpus = gpus
 
     @dsl.pipeline(name=PIPELINE_NAME)
     def cycleprune_pipeline(
@@ -133,6 +156,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
         prune_frequency: int = 100,
         extra_config: str = "",
         checkpoint_root: str = "",
+        gpus: int = default_gpus,
+        registry: str = "",
+        model_name: str = "cycleprune",
+        min_auc: float = GATE.min_auc,
+        min_sensitivity: float = GATE.min_sensitivity,
+        min_specificity: float = GATE.min_specificity,
+        promotion_tolerance: float = GATE.tolerance,
     ) -> Artifact:
         """LR range test, cyclical-LR training, magnitude pruning and compression of a compact
         image classifier; the smallest model that keeps the dense model's validation AUC and
@@ -147,7 +177,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ...
-            batch_size: Global batch size.
+            batch_size: Batch size per GPU: a step on n GPUs takes n * batch_size images, and
+                steps per epoch (and the CLR step size in steps) scale accordingly.
             augment: Random shifts, rotations and zooms of training images.
             class_weight: Per-class loss weights: balanced (n / (k * n_c)), none, or a list by
                 class index such as [1.0, 0.33] (the article).
@@ -172,9 +203,22 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             extra_config: YAML or JSON sections for any other config field, applied last, e.g.
                 {evaluate: {threshold_rule: f1}, compress: {quantizations: [int8]}}.
             checkpoint_root: Folder every attempt can reach (a mounted volume or bucket) for
-                train/prune checkpoints, so a retry resumes; empty = inside the pod.
+                find_lr/train/prune checkpoints, so a retry resumes; empty = inside the pod.
+            gpus: GPUs per GPU stage (find_lr, train, prune, evaluate); training mirrors over
+                all of them (tf.distribute.MirroredStrategy). 0 = CPU.
+            registry: Model registry (gs://bucket/prefix or a mounted folder): the selected
+                model is pushed to <registry>/<model_name>/<version>/ and promoted to
+                production only if it passes the gate; empty = no push.
+            model_name: Name of the model in the registry.
+            min_auc: Gate: lowest test ROC AUC for promotion.
+            min_sensitivity: Gate: lowest test sensitivity for promotion.
+            min_specificity: Gate: lowest test specificity for promotion.
+            promotion_tolerance: Gate: how much worse than the production model, evaluated on
+                this run's test split, each of AUC, sensitivity and specificity may be.
         """
-        stage = functools.partial(_settle, image=image, gpus=gpus, retries=retries)
+        stage = functools.partial(
+            _settle, image=image, gpus=gpus if accelerated else 0, retries=retries
+        )
         config_task = stage(
             configure(
                 preset=preset,
@@ -208,8 +252,17 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             "prepare_data",
         )
         dataset = data_task.outputs["dataset"]
-        lr_finder = stage(find_lr(dataset=dataset, config=config), "find_lr").outputs["lr_finder"]
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        lr_finder = stage(
+            find_lr(
+                dataset=dataset,
+                config=config,
+                checkpoint_root=checkpoint_root,
+                run_id=run_id,
+                gpus=gpus,
+            ),
+            "find_lr",
+        ).outputs["lr_finder"]
         train_task = stage(
             train(
                 dataset=dataset,
@@ -217,6 +270,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 lr_finder=lr_finder,
                 checkpoint_root=checkpoint_root,
                 run_id=run_id,
+                gpus=gpus,
             ),
             "train",
         )
@@ -230,7 +284,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             "compress",
         ).outputs["models"]
         dense_evaluation = stage(
-            evaluate(models=dense_models, dataset=dataset, config=config, target_sparsity=0.0),
+            evaluate(
+                models=dense_models, dataset=dataset, config=config, target_sparsity=0.0, gpus=gpus
+            ),
             "evaluate",
         ).outputs["evaluation"]
 
@@ -244,6 +300,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                     lr_finder=lr_finder,
                     checkpoint_root=checkpoint_root,
                     run_id=run_id,
+                    gpus=gpus,
                 ),
                 "prune",
             )
@@ -258,7 +315,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             ).outputs["models"]
             pruned_evaluation = stage(
                 evaluate(
-                    models=pruned_models, dataset=dataset, config=config, target_sparsity=sparsity
+                    models=pruned_models,
+                    dataset=dataset,
+                    config=config,
+                    target_sparsity=sparsity,
+                    gpus=gpus,
                 ),
                 "evaluate",
             ).outputs["evaluation"]
@@ -272,6 +333,26 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 config=config,
             ),
             "select_model",
+        )
+        push_task = stage(
+            push(
+                selection=select_task.outputs["selection"],
+                dense_evaluation=dense_evaluation,
+                pruned_evaluations=dsl.Collected(pruned_evaluation),
+                dense_models=dense_models,
+                pruned_models=dsl.Collected(pruned_models),
+                dataset=dataset,
+                dataset_info=data_task.outputs["info"],
+                config=config,
+                registry=registry,
+                model_name=model_name,
+                min_auc=min_auc,
+                min_sensitivity=min_sensitivity,
+                min_specificity=min_specificity,
+                promotion_tolerance=promotion_tolerance,
+                run_id=run_id,
+            ),
+            "push",
         )
         report_task = stage(
             report(
@@ -287,6 +368,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 dense_models=dense_models,
                 pruned_models=dsl.Collected(pruned_models),
                 selection=select_task.outputs["selection"],
+                push_decision=push_task.outputs["decision"],
             ),
             "report",
         )

@@ -92,3 +92,79 @@ def train_tiny_model():
         return model
 
     return train
+
+
+class GCSEmulator:
+    """A running gcp-storage-emulator: its URL and where it keeps objects on disk."""
+
+    def __init__(self, url: str, data_dir: Path) -> None:
+        self.url, self.data_dir = url, data_dir
+
+    def create_bucket(self, name: str) -> str:
+        from cycleprune import storage
+
+        storage._gcs_client().create_bucket(name)
+        return f"gs://{name}"
+
+    def object_path(self, uri: str) -> Path:
+        """The file behind an object (to corrupt it behind the server's back)."""
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        return self.data_dir / ".cloudstorage" / bucket / name
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A GCS emulator process on a free loopback port, for the whole session.
+
+    STORAGE_EMULATOR_HOST points the client (and subprocesses) at it; it is stopped at the end.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    data_dir = tmp_path_factory.mktemp("gcs-emulator")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = data_dir.parent / "gcs-emulator.log"
+    command = [sys.executable, "-m", "gcp_storage_emulator", "-d", str(data_dir), "start"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "-q"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"The GCS emulator exited: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"The GCS emulator did not start in 30 s: {log_path}")
+                time.sleep(0.05)
+        patch = pytest.MonkeyPatch()
+        patch.setenv("STORAGE_EMULATOR_HOST", url)
+        patch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+        yield GCSEmulator(url, data_dir)
+        patch.undo()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, request) -> str:
+    """A new, empty bucket (``gs://NAME``) on the emulator."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return gcs_emulator.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")

@@ -18,10 +18,11 @@ from components.find_lr import find_lr
 from components.parameters import PARAMETERS, build_config, data_config, pipeline_arguments
 from components.prepare_data import prepare_data
 from components.prune import prune
+from components.push import push
 from components.report import report
 from components.select_model import select_model
 from components.train import train
-from cycleprune import storage
+from cycleprune import registry, storage
 from cycleprune.config import CompressConfig, preset
 
 
@@ -200,6 +201,24 @@ def test_find_lr_keeps_configured_bounds(root, prepared, config):
     assert record["bounds_from"] == "config"
 
 
+def test_find_lr_checkpoints_its_sweep_where_a_retry_finds_it(
+    root, prepared, bounds, config_artifact
+):
+    outputs = {
+        "lr_finder": art(dsl.Artifact, root, "find_lr_retry", "lr_finder"),
+        "plot": art(dsl.HTML, root, "find_lr_retry", "plot"),
+        "metrics": art(dsl.Metrics, root, "find_lr_retry", "metrics"),
+    }
+    find_lr.python_func(
+        dataset=prepared["dataset"], config=config_artifact, checkpoint_root=str(root / "ckpt"),
+        run_id="run-1", gpus=0, **outputs,
+    )  # fmt: skip
+    sweep = storage.read_json(root / "ckpt" / "run-1" / "find_lr" / "sweep.json")
+    record = storage.read_json(outputs["lr_finder"].path)
+    assert sweep["done"] and sweep["losses"] == record["losses"]
+    assert record["losses"] == storage.read_json(bounds["lr_finder"].path)["losses"]
+
+
 @pytest.fixture(scope="module")
 def trained(root, prepared, bounds, config_artifact):
     outputs = {
@@ -362,8 +381,74 @@ def test_select_model(selected, evaluated):
     assert outputs["model"].metadata["name"] == expected.name
 
 
+def _push(root, selected, evaluated, compressed, prepared, config_artifact, name, registry_uri):
+    _, selection = selected
+    outputs = {
+        "decision": art(dsl.Artifact, root, name, "decision"),
+        "page": art(dsl.HTML, root, name, "page"),
+        "metrics": art(dsl.Metrics, root, name, "metrics"),
+    }
+    result = push.python_func(
+        selection=selection["selection"],
+        dense_evaluation=evaluated["dense"]["evaluation"],
+        pruned_evaluations=[evaluated["prune_50"]["evaluation"]],
+        dense_models=compressed["dense"]["models"],
+        pruned_models=[compressed["prune_50"]["models"]],
+        dataset=prepared["dataset"],
+        dataset_info=prepared["info"],
+        config=config_artifact,
+        registry=registry_uri,
+        model_name="pneumonia",
+        min_auc=0.0,
+        min_sensitivity=0.0,
+        min_specificity=0.0,
+        promotion_tolerance=1.0,
+        run_id="run-1",
+        **outputs,
+    )
+    return result, outputs
+
+
+@pytest.fixture(scope="module")
+def pushed(root, selected, evaluated, compressed, prepared, config_artifact):
+    args = (root, selected, evaluated, compressed, prepared, config_artifact)
+    return _push(*args, "push", str(root / "registry"))
+
+
+def test_push(pushed, root, selected):
+    result, outputs = pushed
+    record = storage.read_json(outputs["decision"].path)
+    assert result.promoted and result.version == record["version"]
+    assert record["decision"]["champion_version"] is None  # the first model
+    assert registry.production_version(root / "registry", "pneumonia") == result.version
+    card = registry.show(root / "registry", "pneumonia")["card"]
+    assert card["name"] == storage.read_json(selected[1]["selection"].path)["name"]
+    assert card["parent_run"] == "run-1" and card["data"]["class_names"] == ["normal", "pneumonia"]
+    assert outputs["metrics"].metadata["promoted"] == 1
+    assert "candidate_test_auc" in outputs["metrics"].metadata
+    assert result.version in Path(outputs["page"].path).read_text()
+
+
+def test_push_without_registry_does_nothing(
+    root, selected, evaluated, compressed, prepared, config_artifact
+):
+    args = (root, selected, evaluated, compressed, prepared, config_artifact)
+    result, outputs = _push(*args, "push-skip", "")
+    assert (result.version, result.promoted) == ("", False)
+    assert storage.read_json(outputs["decision"].path) == {"skipped": True}
+
+
 def test_report(
-    root, config_artifact, prepared, bounds, trained, pruned, compressed, evaluated, selected
+    root,
+    config_artifact,
+    prepared,
+    bounds,
+    trained,
+    pruned,
+    compressed,
+    evaluated,
+    selected,
+    pushed,
 ):
     _, selection = selected
     run = art(dsl.Artifact, root, "report", "run")
@@ -381,6 +466,7 @@ def test_report(
         dense_models=compressed["dense"]["models"],
         pruned_models=[compressed["prune_50"]["models"]],
         selection=selection["selection"],
+        push_decision=pushed[1]["decision"],
         run=run,
         html=page,
     )
@@ -392,9 +478,13 @@ def test_report(
     ]  # fmt: skip
     for entry in summary["models"]:
         assert (folder / entry["path"]).is_file()
-    for stage in ("prepare_data", "find_lr", "train", "select_model"):
+    for stage in ("prepare_data", "find_lr", "train"):
         assert summary["seconds"][stage] > 0, stage
+    assert summary["seconds"]["select_model"] >= 0  # milliseconds: may round to 0
     assert set(summary["seconds"]["compress"]) == {"dense", "prune_50"}
     assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == ["prune_50", "train"]
     assert Path(page.path).read_text() == (folder / "report.html").read_text()
     assert run.metadata["selected"] == summary["selected"]
+    assert summary["registry"]["version"] == pushed[0].version
+    assert summary["registry"]["promoted"] and run.metadata["promoted"]
+    assert "Model registry" in Path(page.path).read_text()

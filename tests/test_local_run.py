@@ -117,7 +117,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert pipeline["cached"] == []
     expected_runs = {
         "configure": 1, "prepare_data": 1, "find_lr": 1, "train": 1, "prune": 2, "compress": 3,
-        "evaluate": 3, "select_model": 1, "report": 1,
+        "evaluate": 3, "select_model": 1, "push": 1, "report": 1,
     }  # fmt: skip
     assert {k: len(v) for k, v in pipeline["task_seconds"].items()} == expected_runs
     assert sum("success" in line for line in lines) == sum(expected_runs.values())

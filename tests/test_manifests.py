@@ -315,7 +315,11 @@ def test_gpus_only_where_the_pipeline_needs_them(overlay):
         return
     stages = {f"exec-{stage.replace('_', '-')}" for stage in GPU_STAGES}
     assert {re.sub(r"-\d+$", "", name) for name in gpu} == stages
-    assert set(gpu.values()) == {str(gpus)}
+    # The count is the `gpus` pipeline parameter (resolved at run time); the variant sets its
+    # default.
+    assert set(gpu.values()) == {"{{$.inputs.parameters['pipelinechannel--gpus']}}"}
+    declared = pipeline_spec(objects)["root"]["inputDefinitions"]["parameters"]["gpus"]
+    assert declared["defaultValue"] == gpus
     assert _gpu_tolerations(objects) == set(gpu)
 
 

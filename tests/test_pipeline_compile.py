@@ -46,7 +46,7 @@ def test_task_graph(ir):
     top, loop = _tasks(ir)
     assert set(top) == {
         "configure", "prepare-data", "find-lr", "train", "compress", "evaluate",
-        "for-loop-1", "select-model", "report",
+        "for-loop-1", "select-model", "push", "report",
     }  # fmt: skip
     assert set(loop) == {"prune", "compress-2", "evaluate-2"}
 
@@ -61,7 +61,8 @@ def test_task_graph(ir):
     assert "compress" in deps(top, "evaluate")
     assert {"train", "find-lr"} <= deps(top, "for-loop-1")
     assert {"evaluate", "for-loop-1"} <= deps(top, "select-model")
-    assert "select-model" in deps(top, "report")
+    assert {"select-model", "for-loop-1", "prepare-data"} <= deps(top, "push")
+    assert {"select-model", "push"} <= deps(top, "report")
     assert deps(loop, "compress-2") == {"prune"}
     assert deps(loop, "evaluate-2") == {"compress-2"}
     # Task names are the component names (a second use gets a -2 suffix).
@@ -84,12 +85,17 @@ def _executor(ir, task_name):
     return ir["spec"]["deploymentSpec"]["executors"][f"exec-{task_name}"]["container"]
 
 
+GPUS = "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+
+
 def test_gpu_stages_request_gpus_and_tolerate_the_taint(ir):
     tolerations = ir["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpus = ir["spec"]["root"]["inputDefinitions"]["parameters"]["gpus"]
+    assert (gpus["parameterType"], gpus["defaultValue"]) == ("NUMBER_INTEGER", 1)
     for name in ("find-lr", "train", "prune", "evaluate", "evaluate-2"):
         accelerator = _executor(ir, name)["resources"]["accelerator"]
         assert accelerator["resourceType"] == GPU_RESOURCE
-        assert accelerator["resourceCount"] == "1"
+        assert accelerator["resourceCount"] == GPUS  # the `gpus` parameter, resolved at run time
         assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in tolerations[
             f"exec-{name}"
         ]["tolerations"]
@@ -105,12 +111,38 @@ def test_every_task_has_cpu_and_memory_requests_and_limits(ir):
             assert resources[f"resource{key}"], (name, key)
 
 
+def test_gpus_reaches_every_task_that_requests_gpus(ir):
+    # The accelerator count is a placeholder of the task's own input `pipelinechannel--gpus`;
+    # each such task must get that input from an input of its DAG, in the loop's DAG too (KFP
+    # does not route a channel used only in set_accelerator_limit into a ParallelFor).
+    top, loop = _tasks(ir)
+    loop_inputs = ir["spec"]["components"]["comp-for-loop-1"]["inputDefinitions"]["parameters"]
+    assert "pipelinechannel--gpus" in loop_inputs
+    loop_task = next(t for t in top.values() if "parameterIterator" in t)
+    assert loop_task["inputs"]["parameters"]["pipelinechannel--gpus"] == {
+        "componentInputParameter": "gpus"
+    }
+    executors = ir["spec"]["deploymentSpec"]["executors"]
+
+    def requests_gpus(task) -> bool:
+        executor = executors.get(task["componentRef"]["name"].replace("comp-", "exec-", 1))
+        return executor is not None and "accelerator" in executor["container"]["resources"]
+
+    for tasks, source in ((top, "gpus"), (loop, "pipelinechannel--gpus")):
+        users = [name for name, task in tasks.items() if requests_gpus(task)]
+        assert users
+        for name in users:
+            inputs = tasks[name]["inputs"]["parameters"]
+            assert inputs["pipelinechannel--gpus"] == {"componentInputParameter": source}, name
+            assert inputs["gpus"] == {"componentInputParameter": source}, name
+
+
 def test_retries_and_caching(ir):
     top, loop = _tasks(ir)
     tasks = {**top, **loop}
-    for name in ("train", "prune"):
+    for name in ("find-lr", "train", "prune"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
-    assert not {n for n, t in tasks.items() if "retryPolicy" in t} - {"train", "prune"}
+    assert not {n for n, t in tasks.items() if "retryPolicy" in t} - {"find-lr", "train", "prune"}
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"configure", "prepare-data"}
 
@@ -159,7 +191,7 @@ def test_kubernetes_manifests(compiled):
 def test_every_parameter_is_described(ir):
     params = ir["spec"]["root"]["inputDefinitions"]["parameters"]
     assert set(PARAMETERS) <= set(params)
-    assert {"source", "preset", "extra_config", "checkpoint_root"} <= set(params)
+    assert {"source", "preset", "extra_config", "checkpoint_root", "gpus"} <= set(params)
     for name, spec in params.items():
         assert spec.get("description", "").strip(), name
 
@@ -180,10 +212,27 @@ def test_defaults_are_the_article_hyperparameters():
     assert defaults["prune_end_epoch"] == 0
 
 
+def test_push_defaults_to_no_registry_and_the_library_gate():
+    from cycleprune.registry import GateConfig
+
+    signature = inspect.signature(build_pipeline().pipeline_func)
+    defaults = {n: p.default for n, p in signature.parameters.items()}
+    gate = GateConfig()
+    assert defaults["registry"] == "" and defaults["model_name"] == "cycleprune"
+    assert (
+        defaults["min_auc"],
+        defaults["min_sensitivity"],
+        defaults["min_specificity"],
+        defaults["promotion_tolerance"],
+    ) == (gate.min_auc, gate.min_sensitivity, gate.min_specificity, gate.tolerance)
+
+
 def test_cpu_only_pipeline_has_no_gpu_settings(tmp_path):
     ir_path, _ = compile_module.compile_pipeline(tmp_path, gpus=0)
     text = ir_path.read_text()
     assert GPU_RESOURCE not in text
+    spec = next(yaml.safe_load_all(text))  # the same parameters, gpus defaulting to 0
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpus"]["defaultValue"] == 0
     with pytest.raises(ValueError, match="gpus"):
         compile_module.compile_pipeline(tmp_path, gpus=-1)
 
