@@ -24,8 +24,13 @@ from typing import Any
 TMP_PREFIX = ".tmp-"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary sibling + fsync + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
+    """Open a temporary sibling of ``path`` for binary writing; rename it to ``path`` on success.
+
+    The file is flushed and fsynced before the rename; on an exception it is removed and
+    ``path`` is left as it was. Readers see the old file or the whole new one, never a part.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
@@ -33,7 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         # mkstemp makes the file owner-only; give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -41,7 +46,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary sibling + fsync + rename)."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def _umask() -> int:
@@ -437,23 +448,12 @@ def download_file(uri: str | os.PathLike, path: str | os.PathLike) -> Path:
             :func:`read_bytes`; nothing is left at ``path`` on failure.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            if is_gcs(uri):
-                _download_blob(_blob(str(uri)), str(uri), handle, None)
-            else:
-                with _local_errors(uri, "read"), open(uri, "rb") as source:
-                    shutil.copyfileobj(source, handle, _COPY_BUFFER)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as handle:
+        if is_gcs(uri):
+            _download_blob(_blob(str(uri)), str(uri), handle, None)
+        else:
+            with _local_errors(uri, "read"), open(uri, "rb") as source:
+                shutil.copyfileobj(source, handle, _COPY_BUFFER)
     return path
 
 
@@ -517,18 +517,8 @@ def upload_file(
                     return sums
                 raise ConcurrentUpdateError(f"{target} already exists with other content")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
-            try:
-                os.fchmod(fd, 0o666 & ~_umask())
-                with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-                    shutil.copyfileobj(source, out, _COPY_BUFFER)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with atomic_file(target) as out, open(path, "rb") as source:
+                shutil.copyfileobj(source, out, _COPY_BUFFER)
         return sums
     uri = str(uri)
     try:
