@@ -326,6 +326,7 @@ def find_lr(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     handle_sigterm: bool = True,
+    on_checkpoint: Any = None,
 ) -> LRFinderResult:
     """Run the LR range test on ``model`` and suggest CLR bounds.
 
@@ -360,6 +361,8 @@ def find_lr(
         momentum: SGD momentum during the sweep.
         checkpoint_dir: Folder for the sweep's checkpoints, or ``None`` for none.
         checkpoint_every: Steps between checkpoints (>= 1).
+        on_checkpoint: Called with no arguments after every write to ``checkpoint_dir`` (e.g.
+            to publish it: see :func:`cycleprune.mirror.mirrored_dir`).
         handle_sigterm: Install the SIGTERM handler while sweeping.
 
     Returns:
@@ -428,7 +431,11 @@ def find_lr(
     # "best" too low and stop the sweep at once. Track the best (and test) only after them.
     warmup = max(MIN_STEPS_BEFORE_STOP, default_skip_start(num_steps))
     saved = [np.array(w, copy=True) for w in model.get_weights()]
-    sweep = _SweepCheckpoint(model, optimizer, checkpoint_dir, config) if checkpoint_dir else None
+    sweep = (
+        _SweepCheckpoint(model, optimizer, checkpoint_dir, config, on_checkpoint)
+        if checkpoint_dir
+        else None
+    )
     recorded: list[float] = []
     stopped = done = False
     guard = preemption.SigtermGuard() if handle_sigterm else contextlib.nullcontext(None)
@@ -513,8 +520,14 @@ class _SweepCheckpoint:
     """``sweep-<step>`` (model + optimizer) and ``sweep.json`` (the record; written last)."""
 
     def __init__(
-        self, model: keras.Model, optimizer: Any, folder: str | os.PathLike, config: LRFinderConfig
+        self,
+        model: keras.Model,
+        optimizer: Any,
+        folder: str | os.PathLike,
+        config: LRFinderConfig,
+        on_checkpoint: Any = None,
     ) -> None:
+        self.on_checkpoint = on_checkpoint
         self.folder = Path(folder)
         self.state_path = self.folder / SWEEP_STATE
         self.settings = dataclasses.asdict(config)
@@ -559,6 +572,8 @@ class _SweepCheckpoint:
             "checkpoint": Path(path).name,
         }
         storage.atomic_write_json(self.state_path, state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
         return path
 
     def finish(self, recorded: list[float], stopped: bool) -> None:
@@ -566,6 +581,8 @@ class _SweepCheckpoint:
 
         state = {"settings": self.settings, "losses": recorded, "stopped": stopped, "done": True}
         storage.atomic_write_json(self.state_path, state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
 
 
 # config.LRFinderConfig.rule -> suggestion function (lrs, smoothed, *, skip_start) -> bounds.
@@ -600,7 +617,8 @@ def run_lr_finder(
         config: The run configuration (``train.deterministic``: see
             :func:`cycleprune.training.enable_determinism`).
         checkpoint_dir: Where the sweep checkpoints itself, so that a rerun resumes it (see
-            :func:`find_lr`); ``None``: no checkpoints.
+            :func:`find_lr`): a folder or ``gs://bucket/prefix`` (worked on in a local copy,
+            see :func:`cycleprune.mirror.mirrored_dir`); ``None``: no checkpoints.
         strategy: Distribution strategy; default
             :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
@@ -634,14 +652,22 @@ def run_lr_finder(
     )
     fixed = config.schedule.has_bounds
     try:
-        result = find_lr(
-            model,
-            dataset,
-            config.lr_finder,
-            loss=losses.make_loss(config.train),
-            momentum=config.train.momentum,
-            checkpoint_dir=checkpoint_dir,
-        )
+        with contextlib.ExitStack() as stack:
+            on_checkpoint = None
+            if checkpoint_dir is not None and storage.is_gcs(checkpoint_dir):
+                from cycleprune import mirror
+
+                local = stack.enter_context(mirror.mirrored_dir(checkpoint_dir))
+                checkpoint_dir, on_checkpoint = local.path, local.sync
+            result = find_lr(
+                model,
+                dataset,
+                config.lr_finder,
+                loss=losses.make_loss(config.train),
+                momentum=config.train.momentum,
+                checkpoint_dir=checkpoint_dir,
+                on_checkpoint=on_checkpoint,
+            )
     except LRFinderError as err:
         if not fixed or err.record is None:
             raise

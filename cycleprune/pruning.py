@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,7 +398,9 @@ def run_pruning(
         config: The run configuration (``prune``, ``train``, ``schedule``, ``data`` sections).
         final_sparsity: Target sparsity; default ``prune.final_sparsity``.
         min_lr, max_lr: CLR bounds; default the config's.
-        checkpoint_dir: Checkpoint folder; default ``out_dir/checkpoints``.
+        checkpoint_dir: Checkpoint folder or ``gs://bucket/prefix`` (worked on in a local copy,
+            published after every checkpoint: see :func:`cycleprune.mirror.mirrored_dir`);
+            default ``out_dir/checkpoints``.
         strategy: Distribution strategy; default
             :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
@@ -410,6 +412,27 @@ def run_pruning(
         cycleprune.training.DivergenceError: the loss or the weights became non-finite.
         cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written, rerun to resume.
     """
+    from cycleprune import mirror
+
+    args = (model_path, dataset_dir, out_dir, config, final_sparsity, min_lr, max_lr)
+    if checkpoint_dir is not None and storage.is_gcs(checkpoint_dir):
+        with mirror.mirrored_dir(checkpoint_dir) as local:
+            return _run_pruning(*args, local.path, strategy, local.sync)
+    return _run_pruning(*args, checkpoint_dir, strategy, None)
+
+
+def _run_pruning(
+    model_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: Config,
+    final_sparsity: float | None,
+    min_lr: float | None,
+    max_lr: float | None,
+    checkpoint_dir: str | os.PathLike | None,
+    strategy: tf.distribute.Strategy | None,
+    on_checkpoint: Callable[[], None] | None,
+) -> PruneResult:
     import tensorflow_model_optimization as tfmot
 
     from cycleprune import data, distribution, losses, models, schedules, training
@@ -465,6 +488,7 @@ def run_pruning(
         extra_callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
         epoch_metadata=metadata,
         max_to_keep=None,  # every epoch is a candidate for select_checkpoint
+        on_checkpoint=on_checkpoint,
     )
     best = select_checkpoint(result.checkpoints, goal, DEFAULT_TOLERANCE)
     if not best["reached_target"]:

@@ -667,7 +667,11 @@ def _safe_relative(name: Any, where: str) -> str:
 
 
 def write_prefix(
-    local_dir: str | os.PathLike, uri: str | os.PathLike, *, metadata: Any = None
+    local_dir: str | os.PathLike,
+    uri: str | os.PathLike,
+    *,
+    metadata: Any = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Publish a local folder at ``uri`` so that readers see all of it or none of it.
 
@@ -682,6 +686,8 @@ def write_prefix(
         local_dir: The folder to publish.
         uri: Local folder or ``gs://bucket/prefix``.
         metadata: JSON-able data to record in the manifest.
+        reuse: GCS only: if ``uri`` is complete now, do not upload again the files its manifest
+            lists with the same size, md5 and crc32c (they are still checked on every read).
 
     Returns:
         The manifest.
@@ -712,9 +718,15 @@ def write_prefix(
                 shutil.copy2(local_dir / name, tmp / name)
             atomic_write_text(tmp / MANIFEST, text)
         return manifest
+    stored: dict[str, Any] = {}
+    if reuse:
+        with contextlib.suppress(IncompletePrefixError, ObjectNotFoundError, StorageError):
+            stored = {e["path"]: e for e in read_manifest(uri)["files"]}
     remove(join_uri(uri, MANIFEST))  # from here until the end, the prefix is incomplete
-    for name in names:
-        upload_file(local_dir / name, join_uri(uri, name))
+    for entry in entries:
+        if stored.get(entry["path"]) == entry:
+            continue
+        upload_file(local_dir / entry["path"], join_uri(uri, entry["path"]))
     write_bytes(join_uri(uri, MANIFEST), text.encode("utf-8"))
     return manifest
 

@@ -376,6 +376,7 @@ def fit(
     epoch_metadata: Callable[[keras.Model], dict] | None = None,
     max_to_keep: int | None = None,
     handle_sigterm: bool = True,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> FitResult:
     """Compile and train ``model`` with checkpoints, exact resume, SIGTERM and divergence checks.
 
@@ -424,6 +425,9 @@ def fit(
         epoch_metadata: ``model -> dict`` of extra JSON-able numbers stored in each entry.
         max_to_keep: Checkpoints kept on disk (``None`` = all). Entries are always kept.
         handle_sigterm: Install the SIGTERM handler while training.
+        on_checkpoint: Called after every checkpoint written (each epoch's, and the SIGTERM one
+            before PreemptedError is raised), e.g. to publish ``checkpoint_dir`` (see
+            :func:`cycleprune.mirror.mirrored_dir`).
 
     Returns:
         A :class:`FitResult`.
@@ -518,6 +522,7 @@ def fit(
         epoch_var=epoch_var,
         tensorboard_dir=tensorboard_dir,
         epoch_metadata=epoch_metadata,
+        on_checkpoint=on_checkpoint,
     )
     guard = SigtermGuard() if handle_sigterm else contextlib.nullcontext(_NoGuard())
     try:
@@ -548,6 +553,9 @@ def fit(
                         step_in_epoch=done,
                         metrics=_metric_state(model),
                     )
+                    recorder.close()  # flush the TensorBoard scalars before publishing
+                    if on_checkpoint is not None:
+                        on_checkpoint()
                     raise PreemptedError(step, path)
                 logs = {k: float(v) for k, v in model.get_metrics_result().items()}
                 if val_ds is not None:
@@ -638,7 +646,9 @@ def run_training(
         config: The run configuration (``train.deterministic`` seeds everything and makes the
             kernels deterministic, process-wide: see :func:`enable_determinism`).
         min_lr, max_lr: CLR bounds (e.g. from the LR range test); default: the config's.
-        checkpoint_dir: Checkpoint folder; default ``out_dir/checkpoints``.
+        checkpoint_dir: Checkpoint folder or ``gs://bucket/prefix`` (worked on in a local copy,
+            published after every checkpoint: see :func:`cycleprune.mirror.mirrored_dir`);
+            default ``out_dir/checkpoints``.
         strategy: Distribution strategy; default
             :func:`cycleprune.distribution.select_strategy` (all visible GPUs).
 
@@ -652,6 +662,25 @@ def run_training(
         cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written, rerun to resume.
         cycleprune.data.DataError: a bad dataset.
     """
+    from cycleprune import mirror
+
+    args = (dataset_dir, out_dir, config, min_lr, max_lr)
+    if checkpoint_dir is not None and storage.is_gcs(checkpoint_dir):
+        with mirror.mirrored_dir(checkpoint_dir) as local:
+            return _run_training(*args, local.path, strategy, local.sync)
+    return _run_training(*args, checkpoint_dir, strategy, None)
+
+
+def _run_training(
+    dataset_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: Config,
+    min_lr: float | None,
+    max_lr: float | None,
+    checkpoint_dir: str | os.PathLike | None,
+    strategy: tf.distribute.Strategy | None,
+    on_checkpoint: Callable[[], None] | None,
+) -> TrainResult:
     from cycleprune import data, distribution, losses, models, schedules
 
     low, high = resolve_lr_bounds(config.schedule, min_lr, max_lr)
@@ -704,6 +733,7 @@ def run_training(
         tensorboard_dir=checkpoint_dir / TENSORBOARD_DIR,
         metrics=metrics,
         max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
+        on_checkpoint=on_checkpoint,
     )
 
     lrs = schedules.clr(
@@ -872,8 +902,10 @@ class _Recorder:
         epoch_var: tf.Variable,
         tensorboard_dir: str | os.PathLike | None,
         epoch_metadata: Callable[[keras.Model], dict] | None,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
+        self.on_checkpoint = on_checkpoint
         self.manager = manager
         self.partial = partial
         self.epoch_var = epoch_var
@@ -910,6 +942,8 @@ class _Recorder:
         self.entries.append(entry)
         if self._writer is not None:
             self._writer.write(entry, step=epoch)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
         logger.info(
             "epoch %d step %d lr %.4g %s -> %s",
             number,
