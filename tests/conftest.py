@@ -168,3 +168,29 @@ def gcs_bucket(gcs_emulator, request) -> str:
 
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     return gcs_emulator.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def recording_split_reads():
+    """A factory: a context manager recording every split ``data.load_arrays`` reads.
+
+    ``with recording_split_reads() as splits: ...`` leaves the split names in ``splits``.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def record():
+        from cycleprune import data
+
+        splits: list[str] = []
+        real = data.load_arrays
+
+        def spy(dataset_dir, split):
+            splits.append(split)
+            return real(dataset_dir, split)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(data, "load_arrays", spy)
+            yield splits
+
+    return record

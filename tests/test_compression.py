@@ -52,19 +52,11 @@ def models_dir(tiny_dataset, tmp_path_factory, train_tiny_model):
 
 
 @pytest.fixture(scope="module")
-def compressed(models_dir, tiny_dataset, tmp_path_factory):
+def compressed(models_dir, tiny_dataset, tmp_path_factory, recording_split_reads):
     """run_compression on the wrapped pruned model, recording which splits it reads."""
     out = tmp_path_factory.mktemp("compress") / "out"
     config = Config(compress=CompressConfig(representative_samples=32))
-    splits = []
-    real_load_arrays = data.load_arrays
-
-    def spy(dataset_dir, split):
-        splits.append(split)
-        return real_load_arrays(dataset_dir, split)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_arrays", spy)
+    with recording_split_reads() as splits:
         sizes = compression.run_compression(
             str(models_dir / "pruned_wrapped.keras"), str(tiny_dataset), str(out), config
         )

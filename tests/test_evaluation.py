@@ -137,18 +137,10 @@ def compressed(tiny_dataset, tmp_path_factory, train_tiny_model):
 
 
 @pytest.fixture(scope="module")
-def evaluated(compressed, tiny_dataset, tmp_path_factory):
+def evaluated(compressed, tiny_dataset, tmp_path_factory, recording_split_reads):
     out = tmp_path_factory.mktemp("eval") / "metrics"
     config = Config(evaluate=EvaluateConfig(latency_runs=3))
-    splits = []
-    real_load_arrays = data.load_arrays
-
-    def spy(dataset_dir, split):
-        splits.append(split)
-        return real_load_arrays(dataset_dir, split)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_arrays", spy)
+    with recording_split_reads() as splits:
         report = evaluation.run_evaluation(str(compressed), str(tiny_dataset), str(out), config)
     return out, report, splits
 
