@@ -244,6 +244,7 @@ def make_dataset(
     *,
     training: bool,
     class_weight: Mapping[int, float] | None = None,
+    records: Any = None,
 ):
     """A batched ``tf.data`` pipeline over a prepared split.
 
@@ -264,6 +265,8 @@ def make_dataset(
         training: Shuffle and augment (augmentation also needs ``config.augment``).
         class_weight: ``{class index: weight}`` for every class; when given, each element
             also carries per-image sample weights ``w = class_weight[label]``.
+        records: The split's decoded records from :func:`cached_records`, to build on instead
+            of reading the shards (one pipeline per epoch then shares one in-memory cache).
 
     Returns:
         A dataset of ``(images, labels)`` or ``(images, labels, weights)``: float32
@@ -289,7 +292,9 @@ def make_dataset(
         weights = tf.constant([lookup[c] for c in range(k)], tf.float32)
     auto = tf.data.AUTOTUNE
     seed = config.seed
-    if training:
+    if records is not None:
+        ds = records
+    elif training:
         ds = tf.data.Dataset.from_tensor_slices(files)
         if len(files) > 1:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -301,9 +306,10 @@ def make_dataset(
         )
     else:
         ds = tf.data.TFRecordDataset(files)
-    ds = ds.map(_parse_fn(tf, info.image_shape), num_parallel_calls=auto, deterministic=True)
-    if _fits_cache(info, split, config):
-        ds = ds.cache()
+    if records is None:
+        ds = ds.map(_parse_fn(tf, info.image_shape), num_parallel_calls=auto, deterministic=True)
+        if _fits_cache(info, split, config):
+            ds = ds.cache()
     if training:
         ds = ds.shuffle(
             min(config.shuffle_buffer, info.num_examples(split)),
@@ -332,6 +338,29 @@ def make_dataset(
     batches = -(-info.num_examples(split) // config.batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(auto)
+
+
+def cached_records(dataset_dir: str | os.PathLike, split: str, config: DataConfig) -> Any:
+    """The split's decoded ``(uint8 image, label)`` records, in file order, cached in memory.
+
+    Build it once and pass it to every :func:`make_dataset` call of a run (``records=``): the
+    shards are read and parsed during the first pass only, and each later pipeline (one per
+    epoch, each with its own shuffle seed) starts from memory. Returns ``None`` when that would
+    change the data: the split does not fit ``config.cache_max_mb`` (or caching is off), or the
+    shuffle buffer does not cover the whole split (then the per-epoch file shuffle matters).
+    The stream of an epoch depends only on that epoch's seed, not on which epoch filled the
+    cache, so a resumed run sees the same batches as an uninterrupted one.
+    """
+    from cycleprune.compat import tf
+
+    info = load_info(dataset_dir)
+    files = _shard_paths(dataset_dir, info, split)
+    if not _fits_cache(info, split, config) or config.shuffle_buffer < info.num_examples(split):
+        return None
+    parse = _parse_fn(tf, info.image_shape)
+    auto = tf.data.AUTOTUNE
+    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=auto, deterministic=True)
+    return ds.cache()
 
 
 def _fits_cache(info: DatasetInfo, split: str, config: DataConfig) -> bool:

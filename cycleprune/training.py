@@ -336,7 +336,10 @@ def epoch_batches(
     """``epoch -> training batches of that epoch``, for :func:`fit`.
 
     Each call builds ``data.make_dataset(dataset_dir, "train", ...)`` with ``batch_size`` (the
-    global batch) and the seed :func:`epoch_seed(config.seed, epoch) <epoch_seed>`.
+    global batch) and the seed :func:`epoch_seed(config.seed, epoch) <epoch_seed>`. When the
+    split fits in memory, every epoch's pipeline starts from one shared in-memory cache
+    (:func:`cycleprune.data.cached_records`), so the shards are read and parsed once per run,
+    not once per epoch.
 
     Args:
         dataset_dir: A prepared dataset.
@@ -349,12 +352,19 @@ def epoch_batches(
     """
     from cycleprune import data
 
+    records = data.cached_records(str(dataset_dir), "train", config)
+
     def make(epoch: int) -> tf.data.Dataset:
         settings = dataclasses.replace(
             config, batch_size=batch_size, seed=epoch_seed(config.seed, epoch)
         )
         return data.make_dataset(
-            str(dataset_dir), "train", settings, training=True, class_weight=class_weight
+            str(dataset_dir),
+            "train",
+            settings,
+            training=True,
+            class_weight=class_weight,
+            records=records,
         )
 
     return make

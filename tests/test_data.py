@@ -558,6 +558,36 @@ def test_cache_only_when_the_split_fits(prepared):
     assert not data._fits_cache(info, "train", DataConfig(cache=False))
 
 
+def test_cached_records_read_the_shards_once_and_epochs_depend_only_on_their_seed(
+    prepared, tmp_path
+):
+    import shutil
+
+    from cycleprune import training
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    config = DataConfig(batch_size=16, augment=False, seed=1)
+    batches = training.epoch_batches(copy, config, batch_size=16)
+    (first, _), sizes = _collect(batches(0))
+    assert sizes == [16, 16, 16, 12] and sorted(_ids(first.astype(np.uint8))) == list(range(60))
+    for shard in data.load_info(copy).shards["train"]:
+        (copy / shard).write_bytes(b"")  # later epochs must not read the shards again
+    (second, _), _ = _collect(batches(1))
+    assert sorted(_ids(second.astype(np.uint8))) == list(range(60))
+    assert not np.array_equal(first, second)  # each epoch its own shuffle
+    # A fresh run (e.g. resumed at epoch 1) sees the same epoch-1 batches.
+    (again, _), _ = _collect(training.epoch_batches(prepared, config, batch_size=16)(1))
+    np.testing.assert_array_equal(second, again)
+
+
+def test_cached_records_only_when_they_do_not_change_the_data(prepared):
+    assert data.cached_records(prepared, "train", DataConfig()) is not None
+    assert data.cached_records(prepared, "train", DataConfig(cache=False)) is None
+    assert data.cached_records(prepared, "train", DataConfig(cache_max_mb=0)) is None
+    assert data.cached_records(prepared, "train", DataConfig(shuffle_buffer=59)) is None
+
+
 def test_make_dataset_training_shuffles_without_augmentation(prepared):
     config = DataConfig(batch_size=16, augment=False, seed=1)
     images, labels = data.load_arrays(prepared, "train")
