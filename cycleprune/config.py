@@ -5,6 +5,7 @@ JSON and YAML, and overrides come as dotted ``key=value`` strings (``train.epoch
 
 - ``smoke``: a few seconds per stage, for tests;
 - ``small``: the CPU default, minutes for the whole pipeline;
+- ``best``: ``small`` trained three times longer, for the quality targets;
 - ``seed``: the original article's hyperparameters exactly (full-width VGG, batch 32, CLR
   1e-3..1e-1 with step = 4 epochs, 32 epochs, focal loss, class weights {0: 1.0, 1: 0.33},
   pruning 0 -> 50% over 8 epochs every 100 steps).
@@ -333,6 +334,10 @@ class PruneConfig:
         epochs: Fine-tuning epochs (>= ``end_epoch``).
         frequency: Prune every this many steps.
         m_by_n: Structured ``"2:4"``-style sparsity instead of unstructured (``""`` = off).
+        min_weights: Leave layers whose kernel has fewer weights than this dense (0 = prune
+            every ``Conv2D``/``Dense`` layer). Small layers (the first convolutions, the
+            classifier) hold a sliver of the bytes but much of the accuracy.
+        lr_scale: Multiplier on both CLR bounds while fine-tuning (1 = the training bounds).
     """
 
     sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
@@ -344,9 +349,19 @@ class PruneConfig:
     epochs: int = 10
     frequency: int = 100
     m_by_n: str = ""
+    min_weights: int = 0
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         s = "prune"
+        _check(self.min_weights >= 0, s, "min_weights", self.min_weights, "must be >= 0")
+        _check(
+            math.isfinite(self.lr_scale) and 0 < self.lr_scale <= 1,
+            s,
+            "lr_scale",
+            self.lr_scale,
+            "must be in (0, 1]",
+        )
         _check(
             isinstance(self.sparsities, Sequence) and not isinstance(self.sparsities, str),
             s,
@@ -669,16 +684,39 @@ def _smoke() -> Config:
 
 
 def _small() -> Config:
+    """The default run: about 5 minutes on 2 CPU cores.
+
+    Each departure from the article's settings is backed by the ablation in
+    ``benchmarks/results/ablation.md``: BatchNorm and a quarter width (trains without collapse,
+    fast), cross-entropy with label smoothing 0.1 (test AUC 0.972 vs 0.964 with focal loss),
+    small layers left dense when pruning (``min_weights``: the 90%-pruned model's validation AUC
+    0.947 -> 0.991) and a longer fine-tuning at a third of the LR bounds.
+    """
     return Config(
         data=DataConfig(batch_size=64),
         model=ModelConfig(width=0.25, batch_norm=True),
-        lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=80),
+        lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=64),
         schedule=ScheduleConfig(step_size_epochs=2.0),
-        train=TrainConfig(epochs=8),
+        train=TrainConfig(epochs=8, loss="crossentropy", label_smoothing=0.1),
         prune=PruneConfig(
-            sparsities=(0.5, 0.75, 0.9), begin_epoch=0, end_epoch=3, epochs=4, frequency=20
+            sparsities=(0.5, 0.75, 0.9),
+            begin_epoch=0,
+            end_epoch=6,
+            epochs=8,
+            frequency=20,
+            min_weights=5000,
+            lr_scale=0.3,
         ),
         evaluate=EvaluateConfig(latency_runs=50),
+    )
+
+
+def _best() -> Config:
+    """The quality preset: ``small`` trained three times longer (about 15 minutes on 2 CPU cores)."""
+    small = _small()
+    return small.replace(
+        train=dataclasses.replace(small.train, epochs=24),
+        prune=dataclasses.replace(small.prune, end_epoch=9, epochs=12),
     )
 
 
@@ -703,11 +741,11 @@ def _seed() -> Config:
     )
 
 
-PRESETS = {"smoke": _smoke, "small": _small, "seed": _seed}
+PRESETS = {"smoke": _smoke, "small": _small, "best": _best, "seed": _seed}
 
 
 def preset(name: str) -> Config:
-    """Return the named preset (``smoke``, ``small``, ``seed``)."""
+    """Return the named preset (``smoke``, ``small``, ``best``, ``seed``)."""
     try:
         return PRESETS[name]()
     except KeyError:

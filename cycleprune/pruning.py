@@ -205,7 +205,8 @@ def prune_model(
     pooling) stays as it is. With ``config.m_by_n = "m:n"`` the wrappers use
     ``sparsity_m_by_n=(m, n)``, and a layer whose kernel's input-channel count is not a multiple
     of ``n`` (e.g. the first convolution of a grayscale model) is left unwrapped, with a logged
-    message. Train the result with ``tfmot.sparsity.keras.UpdatePruningStep``.
+    message, and so is a layer whose kernel has fewer than ``config.min_weights`` weights. Train
+    the result with ``tfmot.sparsity.keras.UpdatePruningStep``.
 
     Args:
         model: A functional or Sequential Keras model.
@@ -234,6 +235,14 @@ def prune_model(
         if isinstance(layer, keras.Model):  # a nested model: wrap inside it
             return keras.models.clone_model(layer, clone_function=wrap)
         if not isinstance(layer, PRUNABLE_LAYERS) or _is_wrapper(layer):
+            return layer
+        if int(np.prod(layer.kernel.shape)) < config.min_weights:
+            logger.info(
+                "Not pruning layer %s: its kernel has %d weights, fewer than prune.min_weights=%d.",
+                layer.name,
+                int(np.prod(layer.kernel.shape)),
+                config.min_weights,
+            )
             return layer
         if m_by_n is not None:
             channels = int(layer.kernel.shape[-2])
@@ -439,6 +448,7 @@ def _run_pruning(
 
     low, high = training.resolve_lr_bounds(config.schedule, min_lr, max_lr)
     prune = config.prune
+    low, high = low * prune.lr_scale, high * prune.lr_scale
     target = _target(prune, final_sparsity)
     if config.train.deterministic:
         training.enable_determinism(config.train.seed)

@@ -87,6 +87,9 @@ def test_config_file_merges_over_preset(tmp_path):
         (["data.class_weight=[1.0, -1]"], r"data\.class_weight must hold one weight > 0"),
         (["data.augment=3"], r"data\.augment must be true or false"),
         (["prune.m_by_n=4:2"], r"prune\.m_by_n must look like '2:4'"),
+        (["prune.min_weights=-1"], r"prune\.min_weights must be >= 0\. Received: .*=-1"),
+        (["prune.lr_scale=0"], r"prune\.lr_scale must be in \(0, 1\]\. Received: .*=0"),
+        (["prune.lr_scale=1.5"], r"prune\.lr_scale must be in \(0, 1\]"),
         (["nope.x=1"], r"Unknown config section 'nope'"),
         (["train.nope=1"], r"Unknown config field 'train\.nope'"),
         (["train.epochs"], r"--set expects section\.field=value"),
@@ -115,3 +118,14 @@ def test_epochs_to_steps():
     assert C.epochs_to_steps(0.5, 3) == 2
     with pytest.raises(ValueError, match="steps_per_epoch must be > 0"):
         C.epochs_to_steps(1, 0)
+
+
+@pytest.mark.parametrize("name", ["small", "best"])
+def test_lr_range_test_of_the_quality_presets_costs_at_most_one_epoch(name, bundled_npz):
+    import numpy as np
+
+    cfg = C.preset(name)
+    with np.load(bundled_npz) as archive:
+        train_images = len(archive["train_labels"])
+    steps_per_epoch = -(-train_images // cfg.data.batch_size)
+    assert cfg.lr_finder.num_steps <= steps_per_epoch

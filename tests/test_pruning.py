@@ -101,6 +101,24 @@ def test_prune_model_wraps_only_conv_and_dense_of_a_copy():
         np.testing.assert_array_equal(old, new)
 
 
+def test_min_weights_leaves_small_layers_dense(batch):
+    from cycleprune.pruning import expected_sparsity, prune_model
+
+    model = _model()
+    pruned = prune_model(model, PruneConfig(min_weights=1000), steps_per_epoch=STEPS)
+    sizes = {
+        layer.name: int(np.prod(layer.kernel.shape))
+        for layer in model.layers
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+    }
+    small = {name for name, size in sizes.items() if size < 1000}
+    assert small and small != set(sizes)  # the smoke model has both kinds
+    assert _wrapped_names(pruned) == set(sizes) - small
+    big = sum(size for name, size in sizes.items() if name not in small)
+    assert expected_sparsity(pruned, 0.5) == pytest.approx(0.5 * big / sum(sizes.values()))
+    _fine_tune(pruned, batch)  # still trains with the small layers unwrapped
+
+
 def test_zero_sparsity_is_a_no_op(batch):
     from cycleprune.pruning import overall_sparsity, prune_model, sparsity_report, strip
 
@@ -209,7 +227,9 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
     base = tmp_path / "base.keras"
     training.save_model(_model(), base)
     smoke = preset("smoke")
-    prune = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=1, epochs=2, frequency=2)
+    prune = PruneConfig(
+        final_sparsity=0.5, begin_epoch=0, end_epoch=1, epochs=2, frequency=2, lr_scale=0.5
+    )
     config = smoke.replace(prune=prune)
     out = tmp_path / "pruned"
     result = pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
@@ -234,6 +254,8 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
 
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    # prune.lr_scale scales both CLR bounds of the fine-tuning.
+    assert (history["min_lr"], history["max_lr"]) == pytest.approx((5e-4, 5e-3))
     assert len(history["sparsity"]) == 2 * STEPS == history["global_step"]
     assert history["sparsity"][0] == 0.0 and history["sparsity"][STEPS - 1] == 0.5
     assert history["epochs"][0]["sparsity"] == pytest.approx(
