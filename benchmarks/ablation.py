@@ -1,0 +1,61 @@
+"""Render the quality ablation table from ``benchmarks.quality`` result files.
+
+    python -m benchmarks.ablation benchmarks/results/ablation/*.json > ablation.md
+
+Each file is one configuration (``--label``/file name), run over one or more seeds. For each, the
+table shows the mean over seeds of the dense Keras model's test accuracy and AUC and, for full
+chains, the 90%-pruned TFLite int8 model's validation and test AUC and the selected model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _mean(values: list[float]) -> str:
+    if not values:
+        return "-"
+    text = f"{statistics.fmean(values):.3f}"
+    return text if len(values) == 1 else f"{text} ± {statistics.stdev(values):.3f}"
+
+
+def row(path: Path) -> list[str]:
+    result = json.loads(path.read_text())
+    runs = result["runs"]
+    dense = [next(m for m in r["models"] if m["name"] == "dense/keras") for r in runs]
+    p90 = [m for r in runs for m in r["models"] if m["name"] == "prune_90/tflite_int8"]
+    return [
+        path.stem,
+        " ".join(result["overrides"]) or "(preset)",
+        str(len(runs)),
+        _mean([m["test"]["accuracy"] for m in dense]),
+        _mean([m["test"]["auc"] for m in dense]),
+        _mean([m["val"]["auc"] for m in p90]),
+        _mean([m["test"]["auc"] for m in p90]),
+        ", ".join(r["selected"] for r in runs) if p90 else "-",
+    ]
+
+
+def main(argv: list[str]) -> int:
+    columns = [
+        "run",
+        "overrides (on the preset)",
+        "seeds",
+        "dense test acc",
+        "dense test AUC",
+        "prune_90 int8 val AUC",
+        "prune_90 int8 test AUC",
+        "selected",
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for name in argv:
+        print("| " + " | ".join(row(Path(name))) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
