@@ -56,6 +56,9 @@ audit: ## Check the pinned requirements for known vulnerabilities (pip-audit, th
 	  "$$tmp/bin/pip-audit" --strict --disable-pip --no-deps --progress-spinner off \
 	    --desc on -r requirements.txt
 
+bench: $(STAMP) ## Run the benchmarks (QUICK=1 for a smoke check); results in benchmarks/results/
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick,) $(ARGS)
+
 compile: $(STAMP) ## Compile the pipeline: IR YAML + Kubernetes manifests into build/compiled
 	$(PY) -m cycleprune compile --out build/compiled $(ARGS)
 
@@ -65,7 +68,7 @@ tensorboard: $(STAMP) ## Open TensorBoard on a run's logs (RUN=runs/<timestamp>,
 clean: ## Remove caches and local runs (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 
-.PHONY: help install run test test-fast lint format lock audit compile tensorboard clean
+.PHONY: help install run test test-fast lint format lock audit bench compile tensorboard clean
 
 # ---- image and cluster manifests -------------------------------------------------------------
 # The image tag is the one the pipeline compiler writes as every component's base_image:

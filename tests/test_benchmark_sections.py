@@ -1,0 +1,217 @@
+"""The benchmark sections' arithmetic, on fake inputs: compression table and targets, pipeline
+overhead, LR range test cost, and the data-scaling image-folder builder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import compression, data_scaling, lr_range, pipeline_overhead
+from benchmarks.common import Context
+
+
+def _model(name, size, gzip, accuracy, auc, threshold=0.5):
+    return {
+        "name": name,
+        "variant": name.split("/")[0],
+        "format": name.split("/")[1],
+        "size_bytes": size,
+        "gzip_bytes": gzip,
+        "sparsity": 0.0,
+        "threshold": threshold,
+        "test": {"accuracy": accuracy, "sensitivity": 0.9, "specificity": 0.8, "auc": auc},
+    }
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> Path:
+    summary = {
+        "selected": "prune_90/tflite_int8",
+        "selection": {"reason": "smallest within tolerance"},
+        "models": [
+            _model("dense/keras", 4_000_000, 3_000_000, 0.90, 0.95),
+            _model("dense/tflite_int8", 1_000_000, 900_000, 0.89, 0.95),
+            _model("prune_90/tflite_int8", 1_000_000, 150_000, 0.885, 0.9475, threshold=0.4),
+        ],
+    }
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_compression_section_targets_and_table(fake_run, tmp_path):
+    ctx = Context(quick=True, work_dir=tmp_path, repeats=1, shared={"pipeline_run": fake_run})
+    out = compression.run(ctx)
+
+    targets = {t["name"]: t for t in out["targets"]}
+    ratio = targets["selected model gzip size ratio vs dense float"]
+    assert ratio["measured"] == pytest.approx(20.0)
+    assert ratio["met"] is True
+    accuracy = targets["selected model test accuracy drop vs dense (points)"]
+    assert accuracy["measured"] == pytest.approx(1.5)
+    assert accuracy["met"] is False
+    auc = targets["selected model test AUC drop vs dense (points)"]
+    assert auc["measured"] == pytest.approx(0.25)
+    assert auc["met"] is True
+
+    table = out["results"]["table"]
+    rows = {row[0]: row for row in table["rows"]}
+    assert len(table["columns"]) == len(rows["dense/keras"])
+    assert rows["dense/tflite_int8"][3] == "3.33"  # 3_000_000 / 900_000
+    selected = rows["prune_90/tflite_int8 (selected)"]
+    assert selected[1:4] == [1_000_000, 150_000, "20.00"]
+    assert selected[4] == "0.8850" and selected[7] == "0.9475" and selected[8] == "0.400"
+    assert rows["article: 50% sparsity (.h5)"][3] == "1.34"  # 51.42 / 38.33
+
+
+def test_compression_needs_the_dense_keras_baseline():
+    summary = {"selected": "a/keras", "models": [_model("a/keras", 10, 5, 0.5, 0.5)]}
+    with pytest.raises(ValueError, match=r"no dense/keras model"):
+        compression.model_rows(summary)
+
+
+def test_stage_compute_sums_variants_and_skips_total_and_cached():
+    seconds = {
+        "prepare_data": 2.5,
+        "find_lr": 6.0,
+        "prune": {"prune_50": 10.0, "prune_75": 12.0},
+        "select_model": 0.01,
+        "total": 30.51,
+    }
+    assert pipeline_overhead.stage_compute(seconds, exclude=["prepare_data"]) == {
+        "find_lr": 6.0,
+        "prune": 22.0,
+        "select_model": 0.01,
+    }
+
+
+@pytest.mark.parametrize(
+    ("intervals", "expected"),
+    [
+        ([], 0.0),
+        ([(0, 2), (3, 4)], 3.0),
+        ([(0, 5), (1, 2), (4, 7)], 7.0),
+        ([(4, 7), (0, 5)], 7.0),
+        ([(0, 1), (1, 2)], 2.0),
+    ],
+)
+def test_interval_union(intervals, expected):
+    assert pipeline_overhead.interval_union(intervals) == pytest.approx(expected)
+
+
+def test_overhead_figures_serial_run_matches_the_naive_formula():
+    # One task after another: busy = sum of task walls.
+    out = pipeline_overhead.overhead_figures(
+        wall=100.0,
+        task_seconds={"train": [60.0], "evaluate": [30.0]},
+        compute={"train": 54.0, "evaluate": 27.0},
+        busy=90.0,
+    )
+    assert out["compute_s"] == 81.0 and out["task_s"] == 90.0
+    assert out["between_tasks_s"] == pytest.approx(10.0)
+    assert out["naive"] == pytest.approx(0.19)
+    assert out["serial"] == pytest.approx(0.19)
+    assert out["stages"]["train"] == {
+        "tasks": 1,
+        "task_s": 60.0,
+        "compute_s": 54.0,
+        "overhead_s": 6.0,
+    }
+
+
+def test_overhead_figures_parallel_tasks():
+    # Two 40 s prune tasks side by side: compute exceeds the wall, the naive share goes negative.
+    out = pipeline_overhead.overhead_figures(
+        wall=50.0,
+        task_seconds={"prune": [40.0, 40.0], "report": [5.0]},
+        compute={"prune": 72.0},
+        busy=45.0,
+    )
+    assert out["naive"] == pytest.approx(-22 / 50)
+    assert out["serial"] == pytest.approx(1 - 72 / 90)
+    assert out["tasks"] == 3
+    assert out["stages"]["report"]["overhead_s"] == 5.0
+    with pytest.raises(ValueError, match="wall"):
+        pipeline_overhead.overhead_figures(0.0, {}, {}, 0.0)
+
+
+def test_sweep_cost():
+    cost = lr_range.sweep_cost(80, 74)
+    assert cost["epochs"] == pytest.approx(80 / 74)
+    assert cost["article_steps"] == 370
+    assert cost["steps_ratio_article_over_test"] == pytest.approx(370 / 80)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        lr_range.sweep_cost(80, 0)
+
+
+def test_build_image_folder_counts(tmp_path):
+    from PIL import Image
+
+    labels = {"train": [0, 1, 1, 1, 0, 1], "test": [1, 0, 1]}
+    arrays = {}
+    for split, ys in labels.items():
+        arrays[f"{split}_images"] = np.arange(len(ys) * 16, dtype=np.uint8).reshape(-1, 4, 4)
+        arrays[f"{split}_labels"] = np.array(ys, np.uint8).reshape(-1, 1)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, **arrays)
+
+    out = tmp_path / "folder"
+    # 15 images: 3 test (one pass over the source's test split), 12 train (two passes).
+    counts = data_scaling.build_image_folder(npz, out, 15, test_fraction=0.2)
+
+    assert counts == {"train": {"normal": 4, "pneumonia": 8}, "test": {"normal": 1, "pneumonia": 2}}
+    for split, by_class in counts.items():
+        for name, n in by_class.items():
+            files = sorted((out / split / name).glob("*.png"))
+            assert len(files) == n
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    # A "normal" training image is one of the source's label-0 images, pixel for pixel.
+    first = np.asarray(Image.open(next((out / "train" / "normal").glob("*.png"))))
+    normal = [arrays["train_images"][i] for i, y in enumerate(labels["train"]) if y == 0]
+    assert any(np.array_equal(first, img) for img in normal)
+    with pytest.raises(ValueError, match="Both splits"):
+        data_scaling.build_image_folder(npz, tmp_path / "empty", 2, test_fraction=0.0)
+
+
+def test_pipeline_overhead_section_from_fake_runs(tmp_path, monkeypatch):
+    def fake_run(wall, task_seconds, compute, cached):
+        figures = pipeline_overhead.overhead_figures(wall, task_seconds, compute, busy=wall - 1)
+        return {
+            "run_dir": str(tmp_path / "run"),
+            "wall_s": wall,
+            "cached": cached,
+            "task_seconds": task_seconds,
+            "figures": figures,
+        }
+
+    tasks = {"prepare_data": [3.0], "train": [40.0], "compress": [10.0, 10.0], "report": [4.0]}
+    compute = {"prepare_data": 2.0, "train": 36.0, "compress": 16.0}
+    runs = iter(
+        [
+            fake_run(68.0, tasks, compute, []),
+            fake_run(64.0, {k: v for k, v in tasks.items() if k != "prepare_data"}, {}, ["x"]),
+        ]
+    )
+    monkeypatch.setattr(pipeline_overhead, "run_pipeline", lambda ctx, root, out: next(runs))
+    imports = {"python + kfp": {"median_s": 0.5}, "python + kfp + tensorflow": {"median_s": 3.5}}
+    monkeypatch.setattr(pipeline_overhead, "_import_seconds", lambda repeats: imports)
+    ctx = Context(quick=True, work_dir=tmp_path, repeats=1)
+
+    out = pipeline_overhead.run(ctx)
+
+    assert ctx.shared["pipeline_run"] == str(tmp_path / "run")
+    targets = {t["name"]: t for t in out["targets"]}
+    # compute 54 s of task walls 67 s + 1 s between tasks.
+    assert targets["pipeline orchestration overhead"]["measured"] == pytest.approx(
+        1 - 54 / 68, abs=1e-4
+    )
+    assert targets["cached rerun / first run"]["measured"] == pytest.approx(64 / 68, abs=1e-4)
+    results = out["results"]
+    # 5 tasks x 0.5 s + (1 train + 3 in prepare_data/compress) x 3 s of TensorFlow.
+    assert results["startup_estimate_s"] == pytest.approx(2.5 + 4 * 3.0)
+    assert results["overhead_tf_import_as_overhead"] == pytest.approx(1 - (54 - 9) / 68)
+    rows = {row[0]: row for row in results["table"]["rows"]}
+    assert rows["compress"][1:5] == [2, "20.0", "16.0", "4.0"]
+    assert rows["report"][4] == "4.0" and rows["report"][6].startswith("no")

@@ -1,0 +1,247 @@
+"""The benchmark harness: targets, timing, the runner, the FLOP counter, the article callback."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from benchmarks import common, gpu
+from benchmarks import run as bench_run
+from benchmarks.common import Target
+
+# --------------------------------------------------------------------------------------------
+# Target and interleaved()
+
+
+@pytest.mark.parametrize(
+    ("measured", "goal", "op", "met"),
+    [
+        (1.0, 0.97, ">=", True),
+        (0.97, 0.97, ">=", True),
+        (0.96, 0.97, ">=", False),
+        (1.3, 1.3, "<=", True),
+        (1.31, 1.3, "<=", False),
+        (0.5, 1.3, "<=", True),
+        (None, 1.0, ">=", None),
+    ],
+)
+def test_target_met(measured, goal, op, met):
+    assert Target("t", measured, goal, op=op).met is met
+
+
+def test_target_to_dict():
+    target = Target("pruning overhead", 1.234567, 1.3, op="<=", unit="x", note="why")
+    assert target.to_dict() == {
+        "name": "pruning overhead",
+        "measured": 1.2346,
+        "goal": "<= 1.3x",
+        "met": True,
+        "note": "why",
+    }
+    assert Target("none", None, 3.0).to_dict()["measured"] is None
+
+
+def test_interleaved_order_and_medians(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = []
+    durations = {"a": iter([100.0, 1.0, 5.0, 3.0]), "b": iter([100.0, 10.0, 30.0, 20.0])}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            clock[0] += next(durations[name])
+
+        return fn
+
+    out = common.interleaved({"a": make("a"), "b": make("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up first, not timed
+    assert out["a"]["median_s"] == 3.0
+    assert out["b"]["median_s"] == 20.0
+    assert out["a"]["samples_s"] == [1.0, 5.0, 3.0]
+    assert (out["b"]["min_s"], out["b"]["max_s"]) == (10.0, 30.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+def _good(ctx):
+    assert ctx.repeats == bench_run.QUICK_REPEATS
+    return {
+        "results": {
+            "ratio": 1.5,
+            "samples": [1, 2, 3],
+            "table": {"columns": ["side", "images/s"], "rows": [["a", 10.5], ["b", 7.0]]},
+        },
+        "targets": [Target("good ratio", 1.5, 1.05).to_dict()],
+        "skipped": None,
+    }
+
+
+def _broken(ctx):
+    raise ValueError("boom in section")
+
+
+def _skipper(ctx):
+    return {"results": None, "targets": [], "skipped": "no GPU"}
+
+
+FAKE = {"good": _good, "broken": _broken, "skipper": _skipper}
+
+
+def test_runner_writes_json_and_markdown_and_fails_on_error(tmp_path):
+    status = bench_run.main(["--quick", "--out", str(tmp_path)], sections=FAKE)
+    assert status == 1
+    (path,) = tmp_path.glob("quick-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["schema"] == 1 and payload["quick"] is True
+    assert list(payload["sections"]) == ["good", "broken", "skipper"]
+    broken = payload["sections"]["broken"]
+    assert broken["error"] == "ValueError: boom in section"
+    assert "boom in section" in broken["traceback"] and "_broken" in broken["traceback"]
+    assert payload["sections"]["skipper"]["skipped"] == "no GPU"
+    assert payload["targets"] == [
+        {
+            "name": "good ratio",
+            "measured": 1.5,
+            "goal": ">= 1.05",
+            "met": True,
+            "note": "",
+            "section": "good",
+        }
+    ]
+    machine = payload["machine"]
+    for key in ("cpu", "logical_cores", "affinity", "ram_gib", "python", "tensorflow", "gpus"):
+        assert key in machine
+    assert machine["wall_s"] >= 0
+    markdown = path.with_suffix(".md").read_text()
+    assert "| good ratio | good | 1.5 | >= 1.05 | yes |  |" in markdown
+    assert "| a | 10.5 |" in markdown
+    assert "- ratio: 1.5" in markdown and "samples" not in markdown
+    assert "Skipped: no GPU" in markdown
+    assert "ValueError: boom in section" in markdown
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic writes left no temporary file
+
+
+def test_runner_only_merges_into_the_days_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_QUICK", "1")
+    assert bench_run.main(["--out", str(tmp_path)], sections=FAKE) == 1
+    # Rerun only the good section: the earlier error stays in the file but is not this run's.
+    assert bench_run.main(["--only", "good", "--out", str(tmp_path)], sections=FAKE) == 0
+    (path,) = tmp_path.glob("quick-*.json")
+    payload = json.loads(path.read_text())
+    assert list(payload["sections"]) == ["good", "broken", "skipper"]
+    assert payload["sections"]["broken"]["error"].startswith("ValueError")
+    assert [t["section"] for t in payload["targets"]] == ["good"]
+
+
+def test_runner_rejects_unknown_sections(tmp_path):
+    assert bench_run.main(["--only", "nope", "--out", str(tmp_path)], sections=FAKE) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_section_order():
+    found = bench_run.discover()
+    order = [name for name in bench_run.SECTIONS if name in found]
+    assert list(found) == order
+    assert {"throughput", "pruning_overhead", "latency", "gpu"} <= set(found)
+
+
+# --------------------------------------------------------------------------------------------
+# The FLOP counter and the peak table (GPU section)
+
+
+def test_forward_flops_of_a_tiny_model():
+    from cycleprune.compat import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8x8 out: 2*3*3*3*4 * 64 = 13824
+    x = keras.layers.MaxPooling2D(1)(x)  # no FLOPs counted
+    x = keras.layers.Conv2D(2, 3)(x)  # 6x6 out: 2*3*3*4*2 * 36 = 5184
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5)(x)  # 2*2*5 = 20
+    model = keras.Model(inputs, outputs)
+    assert gpu.forward_flops(model) == 13824 + 5184 + 20
+    assert gpu.training_flops(model) == 3 * 19028
+
+
+def test_forward_flops_of_the_full_width_vgg():
+    from cycleprune import models
+    from cycleprune.config import ModelConfig
+
+    model = models.build_model(ModelConfig(width=1.0), (32, 32, 1), 2)
+    # Per block: (input channels, filters, side, convolutions); 3x3 kernels.
+    blocks = [(1, 64, 32, 2), (64, 128, 16, 2), (128, 256, 8, 3), (256, 512, 4, 3)]
+    blocks.append((512, 512, 2, 3))
+    expected = 0
+    for cin, cout, side, convs in blocks:
+        for i in range(convs):
+            expected += 2 * 9 * (cin if i == 0 else cout) * cout * side * side
+    expected += 2 * 512 * 2
+    assert gpu.forward_flops(model) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("Tesla T4", 65e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", None),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops(name, peak):
+    assert gpu.peak_flops(name) == peak
+
+
+def test_gpu_section_skips_without_a_gpu(tmp_path):
+    from cycleprune.compat import tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is present")
+    ctx = common.Context(quick=True, work_dir=tmp_path, repeats=1)
+    assert gpu.run(ctx) == {"results": None, "targets": [], "skipped": "no GPU"}
+
+
+# --------------------------------------------------------------------------------------------
+# The article's callback
+
+
+@pytest.mark.parametrize(
+    ("policy", "gamma"), [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.9)]
+)
+def test_article_callback_follows_the_clr_formula(policy, gamma):
+    from benchmarks.article_callback import CyclicLR
+    from cycleprune import schedules
+    from cycleprune.compat import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss="mse")
+    seen = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(float(keras.backend.get_value(self.model.optimizer.lr)))
+
+    clr = CyclicLR(base_lr=0.01, max_lr=0.1, step_size=3, mode=policy, gamma=gamma)
+    x = np.zeros((20, 3), np.float32)
+    y = np.tile(np.float32([1.0, 0.0]), (20, 1))
+    # 2 epochs of 5 batches: the cycle continues across epochs.
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[clr, Recorder()], verbose=0)
+    expected = schedules.clr(np.arange(10), 0.01, 0.1, 3, policy=policy, gamma=gamma)
+    np.testing.assert_allclose(seen, expected, rtol=1e-6)
+    np.testing.assert_allclose(clr.history["lr"], expected, rtol=1e-6)
+    assert clr.history["iterations"] == list(range(1, 11))
+    assert len(clr.history["loss"]) == 10  # the batch logs, as the original records them
+    # The peak, one half-cycle in: max_lr (exp_range: 0.01 + 0.09 * gamma**3).
+    peak = 0.1 if policy != "exp_range" else 0.01 + 0.09 * gamma**3
+    assert seen[3] == pytest.approx(peak, rel=1e-6)
