@@ -39,13 +39,10 @@ from typing import Any
 
 from benchmarks.common import Context, Target, interleaved
 
-# Stages whose component records no library-call seconds (their body is glue or trivial).
-UNTIMED_STAGES = ("configure", "push", "report")
-# Where a stage's task imports TensorFlow: before its timed library call (the component body
-# imports cycleprune.distribution), or inside it (cycleprune.data and cycleprune.compression
-# import it lazily), where the import counts as compute.
-TF_BEFORE_CALL = ("find_lr", "train", "prune", "evaluate")
-TF_IN_CALL = ("prepare_data", "compress")
+# Where a stage's task imports TensorFlow: before its timer starts (every TF stage now), or
+# inside its timed work, where the import would count as compute.
+TF_BEFORE_CALL = ("prepare_data", "find_lr", "train", "prune", "compress", "evaluate")
+TF_IN_CALL: tuple[str, ...] = ()
 IMPORTS = {
     "python + kfp": "import kfp.dsl.executor_main",
     "python + kfp + tensorflow": "import kfp.dsl.executor_main, cycleprune.compat",
@@ -262,7 +259,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rows = []
     for name, s in stages.items():
         share = s["overhead_s"] / s["task_s"] if s["task_s"] else None
-        timed = "no (whole task counted)" if name in UNTIMED_STAGES else "yes"
+        timed = "yes" if s["compute_s"] > 0 else "no (whole task counted)"
         rows.append(
             [
                 name,
@@ -301,9 +298,8 @@ def run(ctx: Context) -> dict[str, Any]:
     rerun_note = (
         f"rerun {second['wall_s']:.1f} s vs first {first['wall_s']:.1f} s; cached: "
         f"{', '.join(second['cached']) or 'nothing'}; re-executed: {', '.join(executed)}. "
-        "Only configure and prepare_data have caching on (pipelines/pipeline.py CACHED_STAGES, "
-        "_settle: set_caching_options), and run_local deletes the other tasks' outputs after a "
-        "run (pipelines/local.py _prune_task_outputs), so kfp.local could not serve them anyway."
+        "Every stage but push and report is cached (pipelines/pipeline.py CACHED_STAGES); "
+        "run_local keeps the cached stages' outputs for the cache to serve."
     )
     return {
         "results": {

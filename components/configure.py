@@ -44,19 +44,24 @@ def configure(
     extra_config: str,
     config: Output[Artifact],
 ) -> NamedTuple("Outputs", [("data_config", str)]):
-    """Resolve and validate the run configuration: preset, then parameters, then extra_config."""
+    """Resolve and validate the run configuration: preset, then parameters, then extra_config.
+
+    `config`'s metadata holds the preset and `seconds` (this stage's work after its imports).
+    """
     params = dict(locals())
     import json
+    import time
     from collections import namedtuple
 
     from components.parameters import build_config, data_config
     from cycleprune import storage
 
+    start = time.perf_counter()
     name, extra = params.pop("preset"), params.pop("extra_config")
     del params["config"]
     resolved = build_config(name, params, extra)
     print(resolved.to_yaml())
     storage.atomic_write_text(config.path, resolved.to_json() + "\n")
-    config.metadata.update({"preset": name})
-    outputs = namedtuple("Outputs", ["data_config"])
-    return outputs(json.dumps(data_config(resolved), sort_keys=True))
+    data = json.dumps(data_config(resolved), sort_keys=True)
+    config.metadata.update({"preset": name, "seconds": time.perf_counter() - start})
+    return namedtuple("Outputs", ["data_config"])(data)

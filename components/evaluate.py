@@ -21,6 +21,8 @@ def evaluate(
 
     `classification` holds the Keras model's test confusion matrix and ROC curve (drawn by the
     KFP UI); `metrics` the test scores of every format. `gpus` is the task's GPU request.
+    `seconds` in `evaluation`: this stage's work after its imports (evaluation, figures,
+    artifacts).
     """
     import math
     import tempfile
@@ -32,15 +34,13 @@ def evaluate(
     from cycleprune.evaluation import run_evaluation
     from cycleprune.selection import variant_name
 
+    start = time.perf_counter()
     distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
     variant = variant_name(target_sparsity)
     with tempfile.TemporaryDirectory() as work:
-        start = time.perf_counter()
         result = run_evaluation(models.path, dataset.path, work, cfg)
-        seconds = time.perf_counter() - start
-        record = {**result, "target_sparsity": target_sparsity, "seconds": seconds}
-        storage.atomic_write_json(evaluation.path, record)
+        record = {**result, "target_sparsity": target_sparsity}
         figures = report.evaluation_figures(record, work, variant)
         figures += report.size_accuracy_figure(record["models"], work)
         page = report.figures_html(f"Evaluation: {variant}", figures)
@@ -60,4 +60,9 @@ def evaluate(
             value = float(entry["test"][key])
             if math.isfinite(value):  # AUC is NaN on a single-class split; KFP wants numbers
                 metrics.log_metric(f"{entry['format']}_test_{key}", value)
+    seconds = time.perf_counter() - start
+    storage.atomic_write_json(evaluation.path, {**record, "seconds": seconds})
     metrics.log_metric("seconds", round(seconds, 3))
+    # Metrics artifacts write no file, and kfp.local's cache takes that for a lost output.
+    storage.atomic_write_json(metrics.path, metrics.metadata)
+    storage.atomic_write_json(classification.path, classification.metadata)

@@ -13,19 +13,20 @@ def prepare_data(
     info: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Validate the source and write TFRecord shards + dataset.json (cycleprune.data)."""
+    """Validate the source and write TFRecord shards + dataset.json (cycleprune.data).
+
+    `info` holds the DatasetInfo and `seconds`: this stage's work after its imports.
+    """
     import json
     import time
 
     from cycleprune import data, storage
+    from cycleprune.compat import tf  # noqa: F401 (TensorFlow loads before the clock starts)
     from cycleprune.config import Config
 
-    config = Config.from_dict({"data": json.loads(data_config)}).data
     start = time.perf_counter()
+    config = Config.from_dict({"data": json.loads(data_config)}).data
     result = data.prepare_dataset(source, dataset.path, config)
-    seconds = time.perf_counter() - start
-
-    storage.atomic_write_json(info.path, {**result.to_dict(), "seconds": seconds})
     dataset.metadata.update(
         {"version": result.version, "classes": list(result.class_names), "source": source}
     )
@@ -33,7 +34,8 @@ def prepare_data(
         metrics.log_metric(f"{split}_examples", sum(counts.values()))
         for name, count in sorted(counts.items()):
             metrics.log_metric(f"{split}_{name}", count)
+    seconds = time.perf_counter() - start
+    storage.atomic_write_json(info.path, {**result.to_dict(), "seconds": seconds})
     metrics.log_metric("seconds", round(seconds, 3))
-    # kfp.local's cache treats an output artifact without a file as missing (a cache miss), and
-    # log_metric writes none: write the scalars so this cached stage really is served from cache.
+    # A Metrics artifact writes no file, and kfp.local's cache takes that for a lost output.
     storage.atomic_write_json(metrics.path, metrics.metadata)

@@ -25,7 +25,8 @@ def prune(
 
     The saved model is stripped (plain Keras layers with zeroed weights). With a checkpoint_root,
     checkpoints live in <checkpoint_root>/<run_id>/<variant>, so a retry resumes. `gpus` is the
-    task's GPU request; fine-tuning mirrors over every visible GPU.
+    task's GPU request; fine-tuning mirrors over every visible GPU. `seconds` in `history`: this
+    stage's work after its imports (pruning, figures, artifacts).
     """
     import os
     import shutil
@@ -37,13 +38,13 @@ def prune(
     from cycleprune.config import Config
     from cycleprune.selection import variant_name
 
+    start = time.perf_counter()
     distribution.check_gpus(gpus)
     cfg = Config.from_json(Path(config.path).read_text())
     bounds = storage.read_json(lr_finder.path)
     variant = variant_name(sparsity)
     checkpoints = os.path.join(checkpoint_root, run_id, variant) if checkpoint_root else None
     with tempfile.TemporaryDirectory() as work:
-        start = time.perf_counter()
         result = pruning.run_pruning(
             os.path.join(model.path, "model.keras"),
             dataset.path,
@@ -54,20 +55,9 @@ def prune(
             max_lr=bounds["max_lr"],
             checkpoint_dir=checkpoints,
         )
-        seconds = time.perf_counter() - start
         os.makedirs(pruned.path, exist_ok=True)
         shutil.copy2(result.model_path, os.path.join(pruned.path, "model.keras"))
         shutil.copytree(os.path.join(work, "tensorboard"), tensorboard.path, dirs_exist_ok=True)
-        record = {
-            "history": result.history,
-            "target_sparsity": sparsity,
-            "sparsity": result.sparsity,
-            "layer_sparsity": result.layer_sparsity,
-            "best_checkpoint": result.best_checkpoint,
-            "warnings": result.warnings,
-            "seconds": seconds,
-        }
-        storage.atomic_write_json(history.path, record)
         figures = report.pruning_figures(result.history, work, variant)
         notes = [*result.warnings, f"TensorBoard logs: {tensorboard.uri}"]
         page = report.figures_html(f"Pruning to {sparsity:.0%}", figures, notes=notes)
@@ -79,4 +69,17 @@ def prune(
     history.metadata.update(labels)
     metrics.log_metric("sparsity", result.sparsity)
     metrics.log_metric("target_sparsity", sparsity)
+    seconds = time.perf_counter() - start
+    record = {
+        "history": result.history,
+        "target_sparsity": sparsity,
+        "sparsity": result.sparsity,
+        "layer_sparsity": result.layer_sparsity,
+        "best_checkpoint": result.best_checkpoint,
+        "warnings": result.warnings,
+        "seconds": seconds,
+    }
+    storage.atomic_write_json(history.path, record)
     metrics.log_metric("seconds", round(seconds, 3))
+    # A Metrics artifact writes no file, and kfp.local's cache takes that for a lost output.
+    storage.atomic_write_json(metrics.path, metrics.metadata)

@@ -30,18 +30,22 @@ def push(
     metrics: Output[Metrics],
 ) -> NamedTuple("Outputs", [("version", str), ("promoted", bool)]):
     """Push to <registry>/<model_name>/<version>/ and gate: thresholds, then not worse than
-    the production model on this run's test split. An empty registry skips the stage."""
+    the production model on this run's test split. An empty registry skips the stage.
+    `seconds` in `decision`: this stage's work after its imports."""
     import math
+    import time
     from collections import namedtuple
     from pathlib import Path
 
     from cycleprune import registry as models
     from cycleprune import report, storage
 
+    start = time.perf_counter()
     outputs = namedtuple("Outputs", ["version", "promoted"])
     if not registry.strip():
-        storage.atomic_write_json(decision.path, {"skipped": True})
         storage.atomic_write_text(page.path, report.push_html(None))
+        seconds = time.perf_counter() - start
+        storage.atomic_write_json(decision.path, {"skipped": True, "seconds": seconds})
         return outputs("", False)
     record = models.run_push(
         registry.strip(),
@@ -55,7 +59,6 @@ def push(
         gate=models.GateConfig(min_auc, min_sensitivity, min_specificity, promotion_tolerance),
         parent_run=run_id,
     )
-    storage.atomic_write_json(decision.path, record)
     storage.atomic_write_text(page.path, report.push_html(record))
     decision.metadata.update({k: record[k] for k in ("version", "uri", "promoted")})
     metrics.log_metric("promoted", int(record["promoted"]))
@@ -64,4 +67,7 @@ def push(
             if math.isfinite(value):  # KFP wants numbers; a single-class split has no AUC
                 metrics.log_metric(f"{side}_test_{key}", value)
     print(record["decision"]["summary"])
+    seconds = time.perf_counter() - start
+    storage.atomic_write_json(decision.path, {**record, "seconds": seconds})
+    metrics.log_metric("seconds", round(seconds, 3))
     return outputs(record["version"], record["promoted"])

@@ -26,14 +26,17 @@ def report(
     """Assemble the run folder and its self-contained HTML report (cycleprune.report).
 
     `run` holds summary.json, report.html, models/<variant>/ and tensorboard/<run>/; `html` is
-    the same report for the KFP UI.
+    the same report for the KFP UI. summary.json's `seconds` gets this stage's own last
+    (cycleprune.report.add_stage_seconds): its work after its imports.
     """
     import shutil
+    import time
     from pathlib import Path
 
     from cycleprune import report as run_report
     from cycleprune.config import Config
 
+    start = time.perf_counter()
     models = [dense_models, *pruned_models]
     stages = run_report.StageOutputs(
         dataset=dataset_info.path,
@@ -49,11 +52,11 @@ def report(
         selection=selection.path,
         compress_seconds={m.metadata["variant"]: m.metadata["seconds"] for m in models},
         push=push_decision.path,
+        configure_seconds=config.metadata.get("seconds"),
     )
-    summary = run_report.build_run(
-        run.path, stages, Config.from_json(Path(config.path).read_text())
-    )
+    run_report.build_run(run.path, stages, Config.from_json(Path(config.path).read_text()))
     shutil.copy2(f"{run.path}/report.html", html.path)
+    summary = run_report.add_stage_seconds(run.path, "report", time.perf_counter() - start)
     run.metadata.update({"selected": summary["selected"], "seconds": summary["seconds"]["total"]})
     if summary["registry"]:
         run.metadata.update({k: summary["registry"][k] for k in ("version", "promoted")})

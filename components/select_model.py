@@ -19,7 +19,8 @@ def select_model(
     metrics: Output[Metrics],
 ) -> NamedTuple("Outputs", [("name", str), ("format", str)]):
     """Smallest (gzip) model whose validation AUC and sensitivity are within tolerance of the
-    dense Keras model's; fallback: the dense model (cycleprune.selection, config.select)."""
+    dense Keras model's; fallback: the dense model (cycleprune.selection, config.select).
+    `seconds` in `selection`: this stage's work after its imports."""
     import os
     import shutil
     import time
@@ -30,8 +31,8 @@ def select_model(
     from cycleprune import storage
     from cycleprune.config import Config
 
-    cfg = Config.from_json(Path(config.path).read_text())
     start = time.perf_counter()
+    cfg = Config.from_json(Path(config.path).read_text())
     evaluations = [storage.read_json(a.path) for a in [dense_evaluation, *pruned_evaluations]]
     entries = rule.collect_entries(evaluations)
     choice = rule.select_model(entries, cfg.select)
@@ -43,14 +44,15 @@ def select_model(
         shutil.copytree(source, target, dirs_exist_ok=True)
     else:
         shutil.copy2(source, target)
-    seconds = time.perf_counter() - start
-
-    storage.atomic_write_json(selection.path, {**choice.to_dict(), "seconds": seconds})
     chosen = next(e for e in entries if e["name"] == choice.name)
     model.metadata.update({"name": choice.name, "format": choice.format, "file": target})
     for key in ("accuracy", "sensitivity", "specificity", "auc"):
         metrics.log_metric(f"test_{key}", chosen["test"][key])
     metrics.log_metric("gzip_bytes", chosen["gzip_bytes"])
-    metrics.log_metric("seconds", round(seconds, 3))
     print(choice.reason)
+    seconds = time.perf_counter() - start
+    storage.atomic_write_json(selection.path, {**choice.to_dict(), "seconds": seconds})
+    metrics.log_metric("seconds", round(seconds, 3))
+    # A Metrics artifact writes no file, and kfp.local's cache takes that for a lost output.
+    storage.atomic_write_json(metrics.path, metrics.metadata)
     return namedtuple("Outputs", ["name", "format"])(choice.name, choice.format)

@@ -205,6 +205,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         registry=registry,
         model_name=args.model_name,
         gate=_gate(args),
+        enable_caching=not args.no_cache,
     )
     print()
     print(local.format_table(summary))
@@ -403,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the bundled PneumoniaMNIST)",
     )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<UTC timestamp>)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every stage, even those whose inputs are unchanged since an earlier run "
+        "(by default they come from the cache in runs/.kfp-root; use this when the source "
+        "changed under the same path or URI)",
+    )
     _add_registry_args(p)
 
     p = command(

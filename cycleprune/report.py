@@ -22,8 +22,13 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
   ``latency_ms``, ``val`` and ``test`` (``accuracy``, ``sensitivity``, ``specificity``, ``auc``,
   ``precision``, ``f1``, ``confusion_matrix``, ``threshold``);
 - ``selected``: the deployed model's name, and ``selection`` (rule outcome and reason);
-- ``seconds``: compute seconds per stage (``prune``, ``compress`` and ``evaluate`` per variant)
-  and ``total``;
+- ``seconds``: per stage, the seconds its task spent on the stage's own work after its imports
+  (the library call, figures, artifacts and metrics; not process start-up or imports):
+  ``prepare_data``, ``find_lr``, ``train``, ``prune``, ``compress`` and ``evaluate`` (these
+  three per variant), ``select_model``; ``configure``, ``push`` and ``report`` when known (a
+  pipeline run has them: :func:`add_stage_seconds` adds ``report``'s own after the report is
+  drawn, so ``report.html``'s table lacks it); and ``total``, their sum. A stage served from
+  the pipeline's cache reports the seconds of the run that computed it;
 - ``tensorboard``: ``{run name: folder relative to the run folder}``; ``report``: ``report.html``;
 - ``config``: the resolved configuration; ``cycleprune_version``;
 - ``registry``: None, or the ``push`` stage's outcome: ``registry``, ``model_name``,
@@ -394,7 +399,9 @@ class StageOutputs:
         tensorboard: ``{run name: TensorBoard log folder}`` (``train``, ``prune_50``, ...).
         selection: ``select_model``'s JSON.
         compress_seconds: ``{variant: seconds}``.
-        push: ``push``'s JSON (the registry record), if the run has that stage.
+        push: ``push``'s JSON (the registry record, or ``{"skipped": true}``; either with
+            ``seconds``), if the run has that stage.
+        configure_seconds: ``configure``'s seconds, if known.
     """
 
     dataset: str
@@ -407,10 +414,19 @@ class StageOutputs:
     selection: str
     compress_seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
     push: str | None = None
+    configure_seconds: float | None = None
 
 
 def _seconds(value: Any) -> float:
     return round(float(value), 3) if value is not None else math.nan
+
+
+def _total(seconds: Mapping[str, Any]) -> float:
+    """The sum of every finite per-stage (and per-variant) figure but ``total``."""
+    stages = [v for k, v in seconds.items() if k != "total"]
+    flat = [v for v in stages if not isinstance(v, Mapping)]
+    flat += [v for d in stages if isinstance(d, Mapping) for v in d.values()]
+    return round(sum(v for v in flat if math.isfinite(v)), 3)
 
 
 def summarize(
@@ -425,6 +441,7 @@ def summarize(
     compress_seconds: Mapping[str, float] | None = None,
     tensorboard: Sequence[str] = (),
     push: Mapping[str, Any] | None = None,
+    configure_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Build the ``summary.json`` dict (see the module docstring) from the stage records."""
     from cycleprune.selection import collect_entries
@@ -435,20 +452,23 @@ def summarize(
         entry["path"] = f"models/{entry['variant']}/{entry['path']}"
         models.append(entry)
     history = training["history"]
-    seconds: dict[str, Any] = {
-        "prepare_data": _seconds(dataset.get("seconds")),
-        "find_lr": _seconds(lr_finder.get("seconds")),
-        "train": _seconds(training.get("seconds")),
-        "prune": {variant_name(p["target_sparsity"]): _seconds(p.get("seconds")) for p in pruning},
-        "compress": {k: _seconds(v) for k, v in (compress_seconds or {}).items()},
-        "evaluate": {
+    seconds: dict[str, Any] = {}
+    if configure_seconds is not None:
+        seconds["configure"] = _seconds(configure_seconds)
+    seconds.update(
+        prepare_data=_seconds(dataset.get("seconds")),
+        find_lr=_seconds(lr_finder.get("seconds")),
+        train=_seconds(training.get("seconds")),
+        prune={variant_name(p["target_sparsity"]): _seconds(p.get("seconds")) for p in pruning},
+        compress={k: _seconds(v) for k, v in (compress_seconds or {}).items()},
+        evaluate={
             variant_name(e["target_sparsity"]): _seconds(e.get("seconds")) for e in evaluations
         },
-        "select_model": _seconds(selection.get("seconds")),
-    }
-    flat = [v for v in seconds.values() if not isinstance(v, dict)]
-    flat += [v for d in seconds.values() if isinstance(d, dict) for v in d.values()]
-    seconds["total"] = round(sum(v for v in flat if math.isfinite(v)), 3)
+        select_model=_seconds(selection.get("seconds")),
+    )
+    if push and push.get("seconds") is not None:
+        seconds["push"] = _seconds(push["seconds"])
+    seconds["total"] = _total(seconds)
     return {
         "schema": SCHEMA,
         "cycleprune_version": __version__,
@@ -668,6 +688,7 @@ def build_run(out_dir: str | os.PathLike, stages: StageOutputs, config: Config) 
         compress_seconds=stages.compress_seconds,
         tensorboard=sorted(stages.tensorboard),
         push=storage.read_json(stages.push) if stages.push else None,
+        configure_seconds=stages.configure_seconds,
     )
     with storage.atomic_dir(out_dir) as tmp:
         for variant, folder in sorted(stages.models.items()):
@@ -685,4 +706,36 @@ def build_run(out_dir: str | os.PathLike, stages: StageOutputs, config: Config) 
                 figure_dir=figure_dir,
             )
         storage.atomic_write_text(tmp / "report.html", page)
+    return summary
+
+
+def add_stage_seconds(run_dir: str | os.PathLike, stage: str, seconds: float) -> dict[str, Any]:
+    """Record one more stage's seconds in a run folder's ``summary.json`` and update ``total``.
+
+    For a stage whose time is only known once the folder exists: the ``report`` stage that
+    builds it.
+
+    Args:
+        run_dir: A run folder from :func:`build_run`.
+        stage: The stage's name (a new key of ``seconds``, or one to replace).
+        seconds: Its seconds (>= 0).
+
+    Returns:
+        The updated summary dict.
+
+    Raises:
+        FileNotFoundError: the folder has no ``summary.json``.
+        ValueError: ``stage`` is ``total`` or empty, or ``seconds`` is negative or not finite.
+    """
+    if not stage or stage == "total":
+        raise ValueError(f"Argument `stage` must name a stage. Received: stage={stage!r}")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"Argument `seconds` must be finite and >= 0. Received: {seconds=}")
+    path = Path(run_dir) / "summary.json"
+    summary = storage.read_json(path)
+    times = summary["seconds"]
+    times.pop("total", None)
+    times[stage] = _seconds(seconds)
+    times["total"] = _total(times)
+    storage.atomic_write_json(path, summary)
     return summary

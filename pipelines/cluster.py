@@ -11,6 +11,14 @@ Authentication: when a ServiceAccount token file exists (``$KF_PIPELINES_SA_TOKE
 token. Otherwise requests go out unauthenticated, which is what a ``kubectl port-forward`` to a
 standalone (single-user) KFP needs.
 
+Caching: the KFP API has no run-level caching switch, and ``kfp.Client`` ignores
+``enable_caching`` for a stored pipeline version (and, for a package, turns it off only in the
+root DAG, not in a ``ParallelFor``'s). So a run without caching is sent the pipeline's own spec,
+the stored version's or the package's, with caching off in every task of every DAG
+(:func:`without_caching`), instead of a reference to the version. ``submit`` caches as compiled
+unless given ``--no-cache``; ``schedule`` turns caching off unless given ``--cache``, so every
+run of a schedule retrains.
+
 The CLI commands ``upload``, ``submit`` and ``schedule`` come from :func:`add_cluster_commands`.
 """
 
@@ -18,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import io
 import json
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -272,7 +282,8 @@ def _check_params(params: Mapping[str, Any], declared: set[str] | None, what: st
         )
 
 
-def _package_spec(package_path: Path) -> dict[str, Any]:
+def _package_docs(package_path: Path) -> list[dict[str, Any]]:
+    """The pipeline spec and, if any, the platform spec of a compiled pipeline file."""
     if not package_path.is_file():
         raise FileNotFoundError(f"No compiled pipeline at {package_path}")
     docs = [d for d in yaml.safe_load_all(package_path.read_text()) if d]
@@ -282,7 +293,52 @@ def _package_spec(package_path: Path) -> dict[str, Any]:
             "use the file `python -m cycleprune compile` writes for the KFP API, not the "
             "Kubernetes manifest."
         )
-    return docs[0]
+    return docs
+
+
+def _package_spec(package_path: Path) -> dict[str, Any]:
+    return _package_docs(package_path)[0]
+
+
+def _version_docs(pipeline_spec: Any, what: str) -> list[dict[str, Any]]:
+    """A stored version's spec as package documents (it may wrap the IR with a platform spec)."""
+    if isinstance(pipeline_spec, Mapping) and "root" in pipeline_spec:
+        return [dict(pipeline_spec)]
+    if isinstance(pipeline_spec, Mapping) and isinstance(
+        pipeline_spec.get("pipeline_spec"), Mapping
+    ):
+        platform = pipeline_spec.get("platform_spec")
+        return [dict(pipeline_spec["pipeline_spec"]), *([dict(platform)] if platform else [])]
+    raise ClusterError(f"The KFP API returned no pipeline spec for {what}.")
+
+
+def without_caching(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A copy of a compiled pipeline with caching off in every task of every DAG.
+
+    Args:
+        docs: The pipeline spec (IR) and optionally its platform spec, as from the YAML file.
+
+    Returns:
+        The documents, the pipeline spec's root DAG and every component DAG (the body of a
+        ``ParallelFor`` is one) with ``cachingOptions.enableCache`` false.
+    """
+    docs = copy.deepcopy([dict(d) for d in docs])
+    spec = docs[0]
+    dags = [spec.get("root", {}).get("dag", {})]
+    dags += [c.get("dag", {}) for c in spec.get("components", {}).values()]
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            task.setdefault("cachingOptions", {})["enableCache"] = False
+    return docs
+
+
+@contextlib.contextmanager
+def _uncached_package(docs: Sequence[Mapping[str, Any]]) -> Iterator[str]:
+    """A temporary package file of ``docs`` with caching off everywhere."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump_all(without_caching(docs), sort_keys=False))
+        yield str(path)
 
 
 def _ui(host: str, ui_host: str | None) -> str:
@@ -388,7 +444,7 @@ def submit_run(
     namespace: str | None = None,
     service_account: str | None = None,
     pipeline_root: str | None = None,
-    enable_caching: bool | None = None,
+    enable_caching: bool = True,
     ui_host: str | None = None,
     connect_timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
@@ -408,7 +464,10 @@ def submit_run(
         service_account: Kubernetes ServiceAccount the run's pods use (e.g. the Workload
             Identity one from the manifests); default: the KFP installation's.
         pipeline_root: Artifact root (``gs://...``); default: the namespace's ``kfp-launcher``.
-        enable_caching: Force caching on or off for every task (default: as compiled).
+        enable_caching: Cache each task as compiled (every stage but ``push`` and
+            ``report``). ``False`` turns caching off for every task: the run is sent the
+            version's (or the package's) spec with caching off rather than a reference to the
+            version (see the module docstring).
         ui_host: Base of the printed UI link (default ``$KF_PIPELINES_UI_ENDPOINT`` or host).
         connect_timeout: Seconds to wait for the healthz check.
 
@@ -431,10 +490,11 @@ def submit_run(
     if not timeout > 0:
         raise ValueError(f"Argument `timeout` must be > 0. Received: timeout={timeout}")
     params = dict(params or {})
+    docs: list[dict[str, Any]] = []
     if package_path is not None:
-        spec = _package_spec(Path(package_path))
-        _check_params(params, _declared_parameters(spec), str(package_path))
-        label = spec.get("pipelineInfo", {}).get("name", Path(package_path).stem)
+        docs = _package_docs(Path(package_path))
+        _check_params(params, _declared_parameters(docs[0]), str(package_path))
+        label = docs[0].get("pipelineInfo", {}).get("name", Path(package_path).stem)
     else:
         label = pipeline_name
     client = connect(host, namespace=namespace, timeout=connect_timeout)
@@ -444,29 +504,33 @@ def submit_run(
         pipeline_id = _require_pipeline(client, host, pipeline_name, namespace)
         found = _find_version(client, host, pipeline_id, pipeline_name, version)
         version_id = found.pipeline_version_id
-        _check_params(
-            params,
-            _declared_parameters(found.pipeline_spec),
-            f"pipeline {pipeline_name!r} version {found.display_name or version_id!r}",
-        )
+        what = f"pipeline {pipeline_name!r} version {found.display_name or version_id!r}"
+        _check_params(params, _declared_parameters(found.pipeline_spec), what)
+        if not enable_caching:
+            docs = _version_docs(found.pipeline_spec, what)
     experiment_id = _experiment_id(client, host, experiment, namespace)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     run_name = run_name or f"{label} {stamp}"
-    with _calling(host, f"creating run {run_name!r}"), _quiet():
-        run = client.run_pipeline(
-            experiment_id=experiment_id,
-            job_name=run_name,
-            pipeline_package_path=str(package_path) if package_path is not None else None,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            params=params,
-            pipeline_root=pipeline_root,
-            enable_caching=enable_caching,
-            service_account=service_account,
-        )
+    with contextlib.ExitStack() as stack:
+        if not enable_caching:
+            source = {"pipeline_package_path": stack.enter_context(_uncached_package(docs))}
+        elif package_path is not None:
+            source = {"pipeline_package_path": str(package_path)}
+        else:
+            source = {"pipeline_id": pipeline_id, "version_id": version_id}
+        with _calling(host, f"creating run {run_name!r}"), _quiet():
+            run = client.run_pipeline(
+                experiment_id=experiment_id,
+                job_name=run_name,
+                params=params,
+                pipeline_root=pipeline_root,
+                service_account=service_account,
+                **source,
+            )
     link = f"{_ui(host, ui_host)}/#/runs/details/{run.run_id}"
     state = _state(run.state)
-    print(f"Run {run_name!r} ({run.run_id}): {state}  {link}", flush=True)
+    caching = "" if enable_caching else ", caching off"
+    print(f"Run {run_name!r} ({run.run_id}{caching}): {state}  {link}", flush=True)
     if wait:
         state = _wait(client, host, run.run_id, timeout=timeout, link=link)
         print(f"Run {run_name!r} ({run.run_id}) finished: {state}  {link}", flush=True)
@@ -521,10 +585,15 @@ def schedule_run(
     namespace: str | None = None,
     service_account: str | None = None,
     pipeline_root: str | None = None,
+    enable_caching: bool = False,
     ui_host: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """Create a KFP recurring run of a stored pipeline version.
+
+    By default every run of the schedule runs every task: the schedule is sent the version's
+    spec with caching off (see the module docstring), so a scheduled retraining always retrains
+    and re-reads its source.
 
     Args:
         host: KFP API endpoint (see :func:`connect`).
@@ -539,6 +608,8 @@ def schedule_run(
         namespace: Profile namespace (multi-user).
         service_account: ServiceAccount of the runs' pods.
         pipeline_root: Artifact root (``gs://...``) for the runs.
+        enable_caching: Cache each task as compiled (the schedule then refers to the version);
+            default: caching off for every task.
         ui_host: Base of the printed UI link.
         timeout: Seconds to wait for the healthz check.
 
@@ -560,30 +631,34 @@ def schedule_run(
     pipeline_id = _require_pipeline(client, host, pipeline_name, namespace)
     found = _find_version(client, host, pipeline_id, pipeline_name, version)
     label = found.display_name or found.name or found.pipeline_version_id
-    _check_params(
-        params,
-        _declared_parameters(found.pipeline_spec),
-        f"pipeline {pipeline_name!r} version {label!r}",
-    )
+    what = f"pipeline {pipeline_name!r} version {label!r}"
+    _check_params(params, _declared_parameters(found.pipeline_spec), what)
+    docs = [] if enable_caching else _version_docs(found.pipeline_spec, what)
     experiment_id = _experiment_id(client, host, experiment, namespace)
     name = name or f"{pipeline_name}-{label}-schedule"
-    with _calling(host, f"creating recurring run {name!r}"), _quiet():
-        recurring = client.create_recurring_run(
-            experiment_id=experiment_id,
-            job_name=name,
-            cron_expression=cron,
-            max_concurrency=max_concurrency,
-            no_catchup=no_catchup,
-            params=params,
-            pipeline_id=pipeline_id,
-            version_id=found.pipeline_version_id,
-            pipeline_root=pipeline_root,
-            service_account=service_account,
-        )
+    with contextlib.ExitStack() as stack:
+        if enable_caching:
+            source = {"pipeline_id": pipeline_id, "version_id": found.pipeline_version_id}
+        else:
+            source = {"pipeline_package_path": stack.enter_context(_uncached_package(docs))}
+        with _calling(host, f"creating recurring run {name!r}"), _quiet():
+            recurring = client.create_recurring_run(
+                experiment_id=experiment_id,
+                job_name=name,
+                description=f"{what}, caching {'as compiled' if enable_caching else 'off'}",
+                cron_expression=cron,
+                max_concurrency=max_concurrency,
+                no_catchup=no_catchup,
+                params=params,
+                pipeline_root=pipeline_root,
+                service_account=service_account,
+                **source,
+            )
     link = f"{_ui(host, ui_host)}/#/recurringrun/details/{recurring.recurring_run_id}"
     print(
         f"Scheduled {name!r} ({recurring.recurring_run_id}) at '{cron}' UTC, "
-        f"max {max_concurrency} at once, catch-up {'off' if no_catchup else 'on'}: {link}"
+        f"max {max_concurrency} at once, catch-up {'off' if no_catchup else 'on'}, "
+        f"caching {'as compiled' if enable_caching else 'off'}: {link}"
     )
     return {
         "recurring_run_id": recurring.recurring_run_id,
@@ -687,7 +762,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             service_account=args.service_account,
             pipeline_root=args.pipeline_root,
-            enable_caching=False if args.no_cache else None,
+            enable_caching=not args.no_cache,
             ui_host=args.ui_host,
             connect_timeout=args.connect_timeout,
         )
@@ -713,6 +788,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             service_account=args.service_account,
             pipeline_root=args.pipeline_root,
+            enable_caching=args.cache,
             ui_host=args.ui_host,
             timeout=args.connect_timeout,
         )
@@ -817,7 +893,12 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="seconds to wait with --wait (default: 86400)",
     )
-    p.add_argument("--no-cache", action="store_true", help="disable caching for every task")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every task, none from the cache (sends the version's spec with caching off); "
+        "e.g. when the source changed under the same URI",
+    )
 
     p = command(
         "schedule", _cmd_schedule, "Create a KFP recurring run of an uploaded pipeline version."
@@ -840,4 +921,10 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
         "--catchup",
         action="store_true",
         help="after a pause, start every missed run (default: only the latest)",
+    )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="let each run take unchanged stages from the cache as compiled (default: caching "
+        "off, so every run retrains; the schedule is then sent the version's spec)",
     )

@@ -2,12 +2,19 @@
 
 The same graph as on a cluster runs here, each task a subprocess of this virtualenv
 (``kfp.local.SubprocessRunner(use_venv=False)``), built without GPU requests (TensorFlow uses
-a local GPU if it sees one) and without retries (a local failure is a bug, not a preempted node);
-images, CPU and memory settings have no effect here.
+a local GPU if it sees one), without retries (a local failure is a bug, not a preempted node)
+and so without the run's ID in the training stages' inputs (it only names checkpoint folders for
+retries; it would change their cache keys in every run); images, CPU and memory settings have no
+effect here.
 Task outputs live under a pipeline root that stays the same across runs (``runs/.kfp-root``), so
-kfp.local's cache serves ``configure`` and ``prepare_data`` again to the next identical (or
-training-only different) run. After a successful run the other task outputs are deleted: the
-run folder holds copies of everything worth keeping.
+kfp.local's cache serves every cached stage (all but ``push`` and ``report``, see
+:mod:`pipelines.pipeline`) to the next run with the same inputs: a rerun with unchanged inputs
+only pushes and reports again. Each task's cache key includes a digest of the library code
+(:func:`code_digest`), so an edit under ``cycleprune/`` or ``components/`` reruns everything.
+After a successful run the outputs of the uncached stages are deleted (the run folder holds
+copies of everything worth keeping); the cached stages' outputs stay, as the cache points to
+them (delete ``runs/.kfp-root`` to reclaim the space). With ``enable_caching=False`` nothing is
+read from or written to the cache, and every task output of the run is deleted.
 
 The run folder (default ``runs/<UTC timestamp>``) is the ``report`` task's ``run`` artifact plus
 run metadata: ``summary.json`` (see :mod:`cycleprune.report`; here also ``run_dir`` and
@@ -17,6 +24,7 @@ run metadata: ``summary.json`` (see :mod:`cycleprune.report`; here also ``run_di
 import builtins
 import contextlib
 import datetime
+import hashlib
 import importlib.util
 import logging
 import re
@@ -31,18 +39,28 @@ from typing import Any
 
 from kfp import local
 
+import components
+import cycleprune
 from components._base import DEFAULT_IMAGE
 from components.parameters import pipeline_arguments
 from cycleprune import storage
 from cycleprune.config import Config
 from cycleprune.registry import GateConfig, check_model_name
 from cycleprune.report import format_table
-from pipelines.pipeline import CACHED_STAGES, build_pipeline
+from pipelines.pipeline import UNCACHED_STAGES, build_pipeline
 
-__all__ = ["DEFAULT_PIPELINE_ROOT", "format_table", "hide_docker_folder", "run_local"]
+__all__ = [
+    "DEFAULT_PIPELINE_ROOT",
+    "code_digest",
+    "format_table",
+    "hide_docker_folder",
+    "run_local",
+]
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_PIPELINE_ROOT = DEFAULT_RUNS_DIR / ".kfp-root"
+# Set on every task: part of kfp.local's cache key (see code_digest).
+CODE_DIGEST_ENV = "CYCLEPRUNE_CODE_DIGEST"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"^Executing task '([\w-]+)'")
 _FINISHED = re.compile(r"^Task '([\w-]+)' finished with status (\w+)")
@@ -148,6 +166,23 @@ def hide_docker_folder() -> None:
         sys.modules["docker"] = None  # type: ignore[assignment]
 
 
+def code_digest() -> str:
+    """SHA-256 of the library's and the components' Python sources (paths and contents).
+
+    kfp.local runs the code of this checkout whatever image the tasks name, and its cache key
+    holds only a component's own function source: this digest, set as an environment variable
+    of every task, makes a change anywhere in ``cycleprune/`` or ``components/`` a cache miss.
+    """
+    digest = hashlib.sha256()
+    for package in (cycleprune, components):
+        folder = Path(package.__file__).parent
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(f"{package.__name__}/{path.relative_to(folder).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _print_line(line: str) -> None:
     # The real terminal, not print() or sys.stdout: while the pipeline runs, kfp.local's task
     # logs are redirected to the log file (and kfp.local indents print()).
@@ -181,6 +216,7 @@ def run_local(
     registry: str = "",
     model_name: str = "cycleprune",
     gate: GateConfig | None = None,
+    enable_caching: bool = True,
 ) -> dict[str, Any]:
     """Run the pipeline with ``kfp.local`` and assemble the run folder.
 
@@ -200,16 +236,18 @@ def run_local(
         pipeline_root: kfp.local's output and cache folder; default ``runs/.kfp-root``. Keep it
             across runs for caching.
         keep_task_outputs: Keep this run's task folders under ``pipeline_root`` (for debugging;
-            by default only the cached stages' outputs stay).
+            by default only the cached stages' outputs stay, and none without caching).
         registry: Push the selected model to this registry (a folder or ``gs://`` URI) and
             promote it if it passes the gate; empty = no push. A local path is made absolute.
         model_name: The model's name in the registry.
         gate: The promotion gate's thresholds; default :class:`cycleprune.registry.GateConfig`.
+        enable_caching: Serve unchanged stages from kfp.local's cache and add this run's
+            outputs to it. ``False`` runs every task (``cycleprune run --no-cache``).
 
     Returns:
         The summary dict (also written to ``<run folder>/summary.json``), with ``run_dir`` (the
         absolute run folder) and ``pipeline`` (``root``, ``run``, ``image``, ``wall_seconds``,
-        ``task_seconds`` per stage, ``cached`` stages, ``arguments``).
+        ``task_seconds`` per stage that ran, ``caching``, ``cached`` stages, ``arguments``).
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
@@ -240,7 +278,7 @@ def run_local(
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
-        enable_caching=True,
+        enable_caching=enable_caching,
         raise_on_error=True,
     )
     tracker = _Tracker(progress)
@@ -259,7 +297,14 @@ def run_local(
             stack.enter_context(_root_handlers_to(handle))
         with _watching(tracker):
             try:
-                task = build_pipeline(image, gpus=0, retries=0)(**arguments)
+                pipeline = build_pipeline(
+                    image,
+                    gpus=0,
+                    retries=0,
+                    env={CODE_DIGEST_ENV: code_digest()},
+                    checkpoint_run_id=False,
+                )
+                task = pipeline(**arguments)
             except RuntimeError as err:
                 message = _ANSI.sub("", str(err))
                 where = f"Task outputs are under {root}."
@@ -285,20 +330,24 @@ def run_local(
         "image": image,
         "wall_seconds": round(wall, 1),
         "task_seconds": tracker.seconds,
+        "caching": enable_caching,
         "cached": sorted(set(tracker.cached)),
         "arguments": arguments,
     }
     storage.atomic_write_json(run_dir / "summary.json", summary)
     if not keep_task_outputs:
-        _prune_task_outputs(kfp_run)
+        _prune_task_outputs(kfp_run, cached=enable_caching)
     return summary
 
 
-def _prune_task_outputs(kfp_run: Path) -> None:
-    """Delete a finished run's task folders, except those the kfp.local cache may point to."""
-    keep = {stage.replace("_", "-") for stage in CACHED_STAGES}
+def _prune_task_outputs(kfp_run: Path, *, cached: bool = True) -> None:
+    """Delete a finished run's task folders, except those the kfp.local cache may point to.
+
+    With ``cached`` every task folder but the uncached stages' stays (a cached stage's entry
+    refers to its files; a missing file is a cache miss); without, every folder goes.
+    """
     for child in kfp_run.iterdir():
-        if child.name in keep:
+        if cached and child.is_dir() and _stage(child.name) not in UNCACHED_STAGES:
             continue
         if child.is_dir():
             shutil.rmtree(child, ignore_errors=True)

@@ -27,11 +27,27 @@ Cluster settings (``kfp.local`` ignores them):
 - ``find_lr``, ``train`` and ``prune`` are retried (:data:`RETRIES`, exponential back-off).
   With a ``checkpoint_root`` a retry resumes from the last checkpoint (every epoch, and the
   exact step on SIGTERM);
-- caching: only ``configure`` and ``prepare_data`` are cached. Both are deterministic functions
-  of their inputs, and ``prepare_data``'s inputs are the source and the data settings only, so a
-  run that changes ``epochs`` reuses the prepared dataset. The training stages are not cached: a
-  new run is a request for a new model (GPU training is not bit-reproducible), and everything
-  after ``train`` consumes its fresh artifacts anyway.
+- caching: every stage but ``push`` and ``report`` is cached (:data:`CACHED_STAGES`). A task's
+  cache key is its component, image, command, environment and inputs, so a rerun with identical
+  inputs is served the identical artifacts, and a changed input reruns exactly the stages that
+  depend on it: a new ``epochs`` reuses the prepared dataset (``prepare_data`` takes only the
+  data settings) and retrains everything after it. ``push`` is never cached: it writes to the
+  registry, and its gate compares with whatever is in production at the time. ``report`` reads
+  ``push``'s new decision, so it could never be served from the cache: it is uncached to say so.
+  Caching is turned off at run time, to retrain whatever the cache holds: ``cycleprune run
+  --no-cache`` (kfp.local) and ``cycleprune submit --no-cache``; ``cycleprune schedule`` turns
+  it off unless given ``--cache``, so every scheduled run retrains. The key holds the source's
+  path or URI, not its content: a dataset replaced under the same path or ``gs://`` URI needs
+  ``--no-cache``. On kfp.local the key also holds a digest of the library code (``env``, set by
+  :func:`pipelines.local.run_local`), so editing ``cycleprune/`` invalidates the cache; a
+  cluster runs a versioned image instead.
+  ``find_lr``, ``train`` and ``prune`` take ``run_id`` (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``),
+  used only to name their checkpoint folder under ``checkpoint_root``. Both KFP and kfp.local
+  resolve the placeholder to the run's ID before computing the cache key, so with it those
+  three stages, and every stage that consumes their artifacts, run again in every run: on a
+  cluster only ``configure`` and ``prepare_data`` are served from the cache. kfp.local has no
+  retries and no ``checkpoint_root``, so :func:`pipelines.local.run_local` builds the graph with
+  ``checkpoint_run_id=False`` (``run_id`` = ""), and there every cached stage is served.
 
 Data flow: the configuration and the LR bounds travel as small JSON artifacts (``configure``'s
 ``config``, ``find_lr``'s ``lr_finder``). Into the ``ParallelFor`` only artifacts and pipeline
@@ -40,6 +56,7 @@ loop item.
 """
 
 import functools
+from collections.abc import Mapping
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact
@@ -63,7 +80,6 @@ PIPELINE_NAME = "cycleprune"
 DEFAULT_SOURCE = "/app/data/pneumoniamnist.npz"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_STAGES = ("find_lr", "train", "prune", "evaluate")
-CACHED_STAGES = ("configure", "prepare_data")
 RETRIES = 2
 RETRIED_STAGES = ("find_lr", "train", "prune")
 RETRY_BACKOFF = "60s"
@@ -80,20 +96,31 @@ RESOURCES = {
     "report": ("1", "2", "2Gi", "4Gi"),
     "push": ("1", "2", "4Gi", "8Gi"),
 }
+# push has registry side effects; report consumes push's fresh decision (see the docstring).
+UNCACHED_STAGES = ("push", "report")
+CACHED_STAGES = tuple(stage for stage in RESOURCES if stage not in UNCACHED_STAGES)
 # The promotion gate's default thresholds (pipeline parameters).
 GATE = GateConfig()
 
 
 def _settle(
-    task: dsl.PipelineTask, stage: str, image: str, gpus: int | PipelineChannel, retries: int
+    task: dsl.PipelineTask,
+    stage: str,
+    image: str,
+    gpus: int | PipelineChannel,
+    retries: int,
+    env: Mapping[str, str] | None = None,
 ) -> dsl.PipelineTask:
-    """Apply the stage's image, caching, resources, accelerator, toleration and retry policy.
+    """Apply the stage's image, caching, environment, resources, accelerator, toleration and
+    retry policy.
 
     ``gpus`` is the ``gpus`` pipeline parameter (a channel), or an int: 0 = no accelerator.
     """
     cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
     task.set_container_image(image)
     task.set_caching_options(enable_caching=stage in CACHED_STAGES)
+    for name, value in sorted((env or {}).items()):
+        task.set_env_variable(name, value)
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
     accelerated = isinstance(gpus, PipelineChannel) or gpus > 0
@@ -105,7 +132,14 @@ def _settle(
     return task
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = RETRIES):
+def build_pipeline(
+    image: str = DEFAULT_IMAGE,
+    *,
+    gpus: int = 1,
+    retries: int = RETRIES,
+    env: Mapping[str, str] | None = None,
+    checkpoint_run_id: bool = True,
+):
     """Build the pipeline with every task running ``image``.
 
     Args:
@@ -116,6 +150,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             GPU taint whatever ``gpus`` says at run time (its GPU stages then log a warning).
         retries: Retries of ``find_lr``, ``train`` and ``prune`` (``kfp.local`` honours them
             too).
+        env: Environment variables of every task. They are part of each task's cache key, so
+            :func:`pipelines.local.run_local` sets one to a digest of the library code: kfp.local
+            runs the code of this checkout, not of ``image``.
+        checkpoint_run_id: Pass the run's ID to ``find_lr``, ``train`` and ``prune``, so their
+            checkpoints under ``checkpoint_root`` are per run and a retry resumes its own run's.
+            ``False`` passes "" (fine without a ``checkpoint_root``): their cache keys then stay
+            the same from run to run. ``push`` gets the run's ID either way (model card).
 
     Returns:
         The ``@dsl.pipeline`` graph component (compile it, or call it under ``kfp.local``).
@@ -172,8 +213,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             source: Dataset: a .npz (MedMNIST layout), an image-folder root
                 (<root>/<split>/<class>/*.png) or a prepared dataset folder, as a path in the
                 container (default: the bundled PneumoniaMNIST).
-            preset: Base configuration for every field not set here: seed (the article), small
-                or smoke.
+            preset: Base configuration for every field not set here: seed (the article), small,
+                best or smoke.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ...
@@ -217,7 +258,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 this run's test split, each of AUC, sensitivity and specificity may be.
         """
         stage = functools.partial(
-            _settle, image=image, gpus=gpus if accelerated else 0, retries=retries
+            _settle, image=image, gpus=gpus if accelerated else 0, retries=retries, env=env
         )
         config_task = stage(
             configure(
@@ -252,7 +293,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
             "prepare_data",
         )
         dataset = data_task.outputs["dataset"]
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if checkpoint_run_id else ""
         lr_finder = stage(
             find_lr(
                 dataset=dataset,
@@ -350,7 +391,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, *, gpus: int = 1, retries: int = 
                 min_sensitivity=min_sensitivity,
                 min_specificity=min_specificity,
                 promotion_tolerance=promotion_tolerance,
-                run_id=run_id,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             ),
             "push",
         )

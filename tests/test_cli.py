@@ -74,3 +74,23 @@ def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nope"])
     assert exit_info.value.code == 2
+
+
+class _StopError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("flags", "caching"), [([], True), (["--no-cache"], False)])
+def test_run_caches_unless_told_not_to(monkeypatch, flags, caching):
+    from pipelines import local
+
+    seen = {}
+
+    def fake_run_local(config, **kwargs):
+        seen.update(kwargs)
+        raise _StopError
+
+    monkeypatch.setattr(local, "run_local", fake_run_local)
+    with pytest.raises(_StopError):
+        cli.main(["run", "--preset", "smoke", *flags])
+    assert seen["enable_caching"] is caching

@@ -141,7 +141,8 @@ def serve(**state: Any) -> Iterator[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> str:
-    """A real compiled pipeline with parameters ``epochs`` and ``preset``.
+    """A real compiled pipeline with parameters ``epochs`` and ``preset``, one task cached and
+    one not at the top, and a cached one inside a ``ParallelFor`` (a DAG of its own).
 
     (This module has no ``from __future__ import annotations``: kfp reads the real annotations.)
     """
@@ -154,6 +155,9 @@ def package(tmp_path_factory) -> str:
     @dsl.pipeline(name="tiny")
     def tiny(epochs: int = 1, preset: str = "smoke"):
         echo(epochs=epochs, preset=preset)
+        echo(epochs=epochs, preset="uncached").set_caching_options(enable_caching=False)
+        with dsl.ParallelFor([1, 2]) as item:
+            echo(epochs=item, preset=preset)
 
     path = tmp_path_factory.mktemp("compiled") / "tiny.yaml"
     compiler.Compiler().compile(tiny, str(path))
@@ -202,6 +206,47 @@ def _stored(package: str) -> dict[str, Any]:
 
 def _posts(state: dict, path: str) -> list[dict[str, Any]]:
     return [e for e in state["log"] if e["method"] == "POST" and e["path"] == f"{API}{path}"]
+
+
+def _caching(spec: dict[str, Any]) -> dict[str, bool]:
+    """``{dag/task: enableCache}`` over the root DAG and every component's DAG."""
+    dags = {"root": spec["root"]["dag"]}
+    dags.update({name: c["dag"] for name, c in spec["components"].items() if "dag" in c})
+    return {
+        f"{dag}/{name}": bool(task.get("cachingOptions", {}).get("enableCache"))
+        for dag, body in dags.items()
+        for name, task in body["tasks"].items()
+    }
+
+
+def _echo_caching(spec: dict[str, Any]) -> dict[str, bool]:
+    return {k: v for k, v in _caching(spec).items() if "/echo" in k}
+
+
+def test_the_package_caches_some_tasks_in_two_dags(package):
+    assert _echo_caching(_spec_of(package)) == {
+        "root/echo": True,
+        "root/echo-2": False,
+        "comp-for-loop-2/echo-3": True,
+    }
+
+
+def test_without_caching_turns_off_every_task_of_every_dag_in_a_copy(package):
+    spec = _spec_of(package)
+    platform = {"platforms": {"kubernetes": {}}}
+    docs = cluster.without_caching([spec, platform])
+    assert not any(_caching(docs[0]).values())
+    assert docs[1] == platform
+    assert _echo_caching(spec)["root/echo"]  # the input is left alone
+
+
+def test_a_stored_version_spec_may_wrap_a_platform_spec(package):
+    spec, platform = _spec_of(package), {"platforms": {"kubernetes": {"deploymentSpec": {}}}}
+    assert cluster._version_docs(spec, "v") == [spec]
+    wrapped = {"pipeline_spec": spec, "platform_spec": platform}
+    assert cluster._version_docs(wrapped, "v") == [spec, platform]
+    with pytest.raises(cluster.ClusterError, match="no pipeline spec for v"):
+        cluster._version_docs(None, "v")
 
 
 def test_upload_creates_the_pipeline_then_uploads_the_named_version(package, capsys):
@@ -305,6 +350,27 @@ def test_submit_a_local_package_sends_its_spec(package):
     assert run["json"]["pipeline_spec"]["pipelineInfo"]["name"] == "tiny"
     assert "pipeline_version_reference" not in run["json"]
     assert run["json"]["runtime_config"]["parameters"] == {"preset": "small"}
+    assert _echo_caching(run["json"]["pipeline_spec"]) == _echo_caching(_spec_of(package))
+
+
+@pytest.mark.parametrize("source", ["package", "stored version"])
+def test_submit_without_cache_sends_the_spec_with_caching_off_everywhere(package, source, capsys):
+    # kfp.Client ignores enable_caching for a stored version and, for a package, turns it off
+    # only in the root DAG: the run must carry a spec with every task uncached instead.
+    where = {"package_path": package} if source == "package" else {"pipeline_name": "tiny"}
+    with serve(**_stored(package)) as (host, state):
+        result = cluster.submit_run(host, params={"epochs": 2}, enable_caching=False, **where)
+    (run,) = _posts(state, "/runs")
+    body = run["json"]
+    assert "pipeline_version_reference" not in body
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "tiny"
+    assert _echo_caching(body["pipeline_spec"]) == dict.fromkeys(
+        _echo_caching(_spec_of(package)), False
+    )
+    assert body["runtime_config"]["parameters"] == {"epochs": 2}
+    if source == "stored version":
+        assert (result["pipeline_id"], result["version_id"]) == ("p-1", "v-2")
+    assert "caching off" in capsys.readouterr().out
 
 
 def test_submit_rejects_unknown_parameters_before_creating_a_run(package):
@@ -338,11 +404,25 @@ def test_schedule_sends_cron_concurrency_and_no_catchup(package, capsys):
     assert int(body["max_concurrency"]) == 1
     assert body["no_catchup"] is True
     assert body["mode"] == "ENABLE"
-    assert body["pipeline_version_reference"]["pipeline_version_id"] == "v-2"
     assert body["runtime_config"]["parameters"] == {"preset": "seed"}
     assert body["display_name"] == "tiny-v2-schedule"
-    assert result["recurring_run_id"] == "rr-1"
-    assert "catch-up off" in capsys.readouterr().out
+    assert "'v2'" in body["description"]
+    assert result["recurring_run_id"] == "rr-1" and result["version_id"] == "v-2"
+    out = capsys.readouterr().out
+    assert "catch-up off" in out and "caching off" in out
+    # A recurring run retrains: the version's spec with every task uncached, not a reference.
+    assert "pipeline_version_reference" not in body
+    assert not any(_caching(body["pipeline_spec"]).values())
+
+
+def test_schedule_with_cache_refers_to_the_version_as_compiled(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        cluster.schedule_run(host, cron="0 0 3 * * 1", pipeline_name="tiny", enable_caching=True)
+    (recurring,) = _posts(state, "/recurringruns")
+    body = recurring["json"]
+    assert body["pipeline_version_reference"]["pipeline_version_id"] == "v-2"
+    assert "pipeline_spec" not in body
+    assert "caching as compiled" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -442,10 +522,21 @@ def test_cli_submit_and_schedule_end_to_end(package, tmp_path, capsys):
             ["schedule", "--host", host, "--pipeline", "tiny", "--cron", "0 30 2 * * *"]
         )
         assert args.func(args) == 0
-    (run,) = _posts(state, "/runs")
-    assert run["json"]["runtime_config"]["parameters"] == {"preset": "seed", "epochs": 5}
-    (recurring,) = _posts(state, "/recurringruns")
-    assert recurring["json"]["no_catchup"] is True
+        for flag in ("--no-cache", "--cache"):
+            command = "submit" if flag == "--no-cache" else "schedule"
+            extra = ["--cron", "0 30 2 * * *"] if command == "schedule" else []
+            args = _parser().parse_args(
+                [command, "--host", host, "--pipeline", "tiny", flag, *extra]
+            )
+            assert args.func(args) == 0
+    runs = _posts(state, "/runs")
+    assert runs[0]["json"]["runtime_config"]["parameters"] == {"preset": "seed", "epochs": 5}
+    assert "pipeline_version_reference" in runs[0]["json"]  # submit: as compiled
+    assert not any(_caching(runs[1]["json"]["pipeline_spec"]).values())  # submit --no-cache
+    first, second = _posts(state, "/recurringruns")
+    assert first["json"]["no_catchup"] is True
+    assert not any(_caching(first["json"]["pipeline_spec"]).values())  # schedule: no cache
+    assert "pipeline_version_reference" in second["json"]  # schedule --cache: as compiled
     assert "#/runs/details/r-1" in capsys.readouterr().out
 
 

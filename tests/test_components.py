@@ -6,6 +6,7 @@ URIs point into a temporary folder, chained stage by stage like the pipeline cha
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,13 @@ def test_configure_round_trips_a_config(tmp_path, config):
     resolved, data = run_configure(tmp_path, config)
     assert resolved == config.to_dict()
     assert json.loads(data) == data_config(config)
+
+
+def test_configure_records_its_seconds_beside_the_config(tmp_path, config):
+    output = art(dsl.Artifact, tmp_path, "configure", "config")
+    configure.python_func(**configure_args(config), config=output)
+    assert output.metadata["preset"] == "seed" and output.metadata["seconds"] >= 0
+    assert "seconds" not in json.loads(Path(output.path).read_text())  # a plain Config
 
 
 def test_configure_applies_preset_then_parameters_then_extra_config(tmp_path, config):
@@ -347,6 +355,27 @@ def test_evaluate(evaluated, prepared):
         assert roc and all(0 <= p["confidenceThreshold"] <= 1 for p in roc)
         assert "keras_test_accuracy" in outputs["metrics"].metadata
         assert html_images(outputs["plots"]) == 5  # confusion + ROC per model, size/accuracy
+        assert record["seconds"] > 0
+        assert outputs["metrics"].metadata["seconds"] == round(record["seconds"], 3)
+
+
+def test_evaluate_seconds_cover_the_figures_not_only_the_library_call(
+    root, evaluated, prepared, compressed, config_artifact, monkeypatch
+):
+    from cycleprune import evaluation, report
+
+    done = storage.read_json(evaluated["dense"]["evaluation"].path)
+    result = {k: v for k, v in done.items() if k not in ("seconds", "target_sparsity")}
+    monkeypatch.setattr(evaluation, "run_evaluation", lambda *args: result)  # instant
+    drawn = report.evaluation_figures
+
+    def slow_figures(*args, **kwargs):
+        time.sleep(0.3)
+        return drawn(*args, **kwargs)
+
+    monkeypatch.setattr(report, "evaluation_figures", slow_figures)
+    outputs = _evaluate(root, "evaluate_timed", compressed["dense"], prepared, config_artifact, 0.0)
+    assert storage.read_json(outputs["evaluation"].path)["seconds"] >= 0.3
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +408,25 @@ def test_select_model(selected, evaluated):
     deployed = Path(outputs["model"].path) / Path(expected.path).name
     assert deployed.is_file()
     assert outputs["model"].metadata["name"] == expected.name
+
+
+def test_every_output_of_a_cached_stage_leaves_a_file(
+    prepared, bounds, trained, pruned, compressed, evaluated, selected
+):
+    # kfp.local's cache takes an output artifact without a file for a lost one (a cache miss):
+    # Metrics and ClassificationMetrics too must be written.
+    outputs = {"prepare_data": prepared, "find_lr": bounds, "train": trained, "prune": pruned}
+    outputs.update({f"compress {k}": v for k, v in compressed.items()})
+    outputs.update({f"evaluate {k}": v for k, v in evaluated.items()})
+    outputs["select_model"] = selected[1]
+    missing = [
+        f"{stage}: {name}"
+        for stage, artifacts in outputs.items()
+        for name, artifact in artifacts.items()
+        if not Path(artifact.path).exists()
+    ]
+    assert missing == []
+    assert storage.read_json(evaluated["dense"]["metrics"].path)["seconds"] >= 0
 
 
 def _push(root, selected, evaluated, compressed, prepared, config_artifact, name, registry_uri):
@@ -435,7 +483,8 @@ def test_push_without_registry_does_nothing(
     args = (root, selected, evaluated, compressed, prepared, config_artifact)
     result, outputs = _push(*args, "push-skip", "")
     assert (result.version, result.promoted) == ("", False)
-    assert storage.read_json(outputs["decision"].path) == {"skipped": True}
+    record = storage.read_json(outputs["decision"].path)
+    assert record.pop("seconds") >= 0 and record == {"skipped": True}
 
 
 def test_report(
@@ -478,10 +527,18 @@ def test_report(
     ]  # fmt: skip
     for entry in summary["models"]:
         assert (folder / entry["path"]).is_file()
-    for stage in ("prepare_data", "find_lr", "train"):
-        assert summary["seconds"][stage] > 0, stage
-    assert summary["seconds"]["select_model"] >= 0  # milliseconds: may round to 0
-    assert set(summary["seconds"]["compress"]) == {"dense", "prune_50"}
+    seconds = summary["seconds"]
+    for stage in ("prepare_data", "find_lr", "train", "report"):
+        assert seconds[stage] > 0, stage
+    for stage in ("select_model", "push"):  # milliseconds: may round to 0
+        assert seconds[stage] >= 0, stage
+    assert "configure" not in seconds  # this test's config artifact has no seconds metadata
+    assert set(seconds["compress"]) == {"dense", "prune_50"}
+    stages = [v for k, v in seconds.items() if k != "total"]
+    flat = [v for v in stages if not isinstance(v, dict)]
+    flat += [v for d in stages if isinstance(d, dict) for v in d.values()]
+    assert seconds["total"] == pytest.approx(sum(flat), abs=0.01)
+    assert run.metadata["seconds"] == seconds["total"]
     assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == ["prune_50", "train"]
     assert Path(page.path).read_text() == (folder / "report.html").read_text()
     assert run.metadata["selected"] == summary["selected"]

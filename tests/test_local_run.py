@@ -1,4 +1,4 @@
-"""The pipeline under kfp.local: caching of the data stage, and the whole smoke run end to end."""
+"""The pipeline under kfp.local: caching, and the whole smoke run end to end (and again, cached)."""
 
 import dataclasses
 import json
@@ -16,7 +16,7 @@ from components.prepare_data import prepare_data
 from cycleprune import storage
 from cycleprune.config import preset
 from pipelines import local as local_run
-from pipelines.pipeline import _settle
+from pipelines.pipeline import CACHED_STAGES, UNCACHED_STAGES, _settle
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "pneumoniamnist.npz"
 
@@ -58,15 +58,58 @@ def test_prepare_data_stays_cached_when_training_settings_change(tmp_path, tiny_
         enable_caching=True,
     )
     caplog.set_level(logging.INFO)
+
+    def hits() -> set[str]:
+        found = {t for t in ("configure", "prepare-data") if f"Task {t} cache hit" in caplog.text}
+        caplog.clear()
+        return found
+
     first = _prepare_only(smoke_config(epochs=2), str(tiny_npz))().output
     assert (Path(first.path) / "dataset.json").is_file()
+    assert hits() == set()
+    again = _prepare_only(smoke_config(epochs=2), str(tiny_npz))().output
+    assert again.uri == first.uri and hits() == {"configure", "prepare-data"}
+    # configure runs again (so does every stage that reads its config: find_lr, train, ...);
+    # prepare_data sees only the data settings, which did not change.
     longer = _prepare_only(smoke_config(epochs=5, optimizer="adam"), str(tiny_npz))().output
     assert longer.uri == first.uri  # served from the cache: same artifact
-    assert "Task prepare-data cache hit" in caplog.text
+    assert hits() == {"prepare-data"}
     reseeded = smoke_config()
     reseeded = reseeded.replace(data=dataclasses.replace(reseeded.data, seed=1))
     other = _prepare_only(reseeded, str(tiny_npz))().output
     assert other.uri != first.uri  # a data setting changed: prepared again
+    assert hits() == set()
+
+
+def _task_folders(kfp_run: Path, names) -> None:
+    for name in names:
+        (kfp_run / name / "out").mkdir(parents=True)
+        (kfp_run / name / "executor_output.json").write_text("{}")
+
+
+def test_prune_task_outputs_keeps_what_the_cache_points_to(tmp_path):
+    cached = ["configure", "prepare-data", "train", "compress", "compress-2", "evaluate-2"]
+    _task_folders(tmp_path / "run", [*cached, "push", "report"])
+    local_run._prune_task_outputs(tmp_path / "run", cached=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(cached)
+    # Without caching nothing refers to this run's outputs: all of them go, and the folder.
+    _task_folders(tmp_path / "uncached", [*cached, "push", "report"])
+    local_run._prune_task_outputs(tmp_path / "uncached", cached=False)
+    assert not (tmp_path / "uncached").exists()
+
+
+def test_code_digest_follows_the_library_source(monkeypatch, tmp_path):
+    import cycleprune
+
+    digest = local_run.code_digest()
+    assert digest == local_run.code_digest() and len(digest) == 64
+    fake = tmp_path / "cycleprune"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    monkeypatch.setattr(cycleprune, "__file__", str(fake / "__init__.py"))
+    changed = local_run.code_digest()
+    (fake / "training.py").write_text("EPOCHS = 1\n")
+    assert len({digest, changed, local_run.code_digest()}) == 3
 
 
 def test_tracker_reads_kfp_local_logs():
@@ -104,17 +147,12 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     run_dir = tmp_path / "runs" / "smoke"
     root = tmp_path / "kfp-root"
     summary = local_run.run_local(
-        config,
-        source=str(BUNDLED),
-        out_dir=run_dir,
-        pipeline_root=root,
-        progress=lines.append,
-        keep_task_outputs=True,
+        config, source=str(BUNDLED), out_dir=run_dir, pipeline_root=root, progress=lines.append
     )
 
     # Every task ran and succeeded (kfp.local raises otherwise); nothing was cached yet.
     pipeline = summary["pipeline"]
-    assert pipeline["cached"] == []
+    assert pipeline["cached"] == [] and pipeline["caching"] is True
     expected_runs = {
         "configure": 1, "prepare_data": 1, "find_lr": 1, "train": 1, "prune": 2, "compress": 3,
         "evaluate": 3, "select_model": 1, "push": 1, "report": 1,
@@ -146,10 +184,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert (run_dir / entry["path"]).is_file()
     assert summary["selected"] in {m["name"] for m in summary["models"]}
     seconds = summary["seconds"]
-    for stage in ("prepare_data", "find_lr", "train", "select_model"):
+    for stage in ("configure", "prepare_data", "find_lr", "train", "select_model", "push"):
         assert seconds[stage] >= 0, stage
+    assert seconds["report"] > 0  # recorded by the report itself, after drawing it
     for stage in ("prune", "compress", "evaluate"):
         assert set(seconds[stage]) >= {"prune_50", "prune_75"}, stage
+    # The stages' own work (figures included) fits inside their tasks' wall time.
+    for stage in ("find_lr", "train", "report"):
+        assert seconds[stage] <= sum(pipeline["task_seconds"][stage]) + 0.1, stage
     assert summary["selected"] in local_run.format_table(summary)
 
     # The run folder: report, TensorBoard logs per training run, every export.
@@ -182,3 +224,30 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert sum(map(sum, rows)) == test_size
     dense_keras = next(m for m in summary["models"] if m["name"] == "dense/keras")
     assert rows == dense_keras["test"]["confusion_matrix"]
+
+    # After the run only the uncached stages' outputs are gone: the cache points to the rest.
+    # (The ParallelFor's tasks live in one folder per iteration: for-loop-1-iteration-<i>/.)
+    kept = [p for p in (root / pipeline["run"]).iterdir() if "-iteration-" not in p.name]
+    kept += [p for p in (root / pipeline["run"]).glob("*-iteration-*/*")]
+    assert {local_run._stage(p.name) for p in kept} == set(CACHED_STAGES)
+
+    # The same run again: every cached stage comes from the cache (the first run's pruned
+    # outputs suffice), only push and report run, and the run folder is whole.
+    lines.clear()
+    again_dir = tmp_path / "runs" / "again"
+    again = local_run.run_local(
+        config, source=str(BUNDLED), out_dir=again_dir, pipeline_root=root, progress=lines.append
+    )
+    assert again["pipeline"]["cached"] == sorted(CACHED_STAGES)
+    assert sorted(again["pipeline"]["task_seconds"]) == sorted(UNCACHED_STAGES)
+    assert sum("cached, reusing" in line for line in lines) == 13  # every cached task, loop too
+    assert storage.read_json(again_dir / "summary.json") == json.loads(json.dumps(again))
+    assert again["models"] == summary["models"] and again["selected"] == summary["selected"]
+    for entry in again["models"]:
+        assert (again_dir / entry["path"]).is_file()
+    for stage in ("configure", "prepare_data", "find_lr", "train", "select_model"):
+        assert again["seconds"][stage] == summary["seconds"][stage]  # of the run computing it
+    assert (again_dir / "report.html").read_text().count("data:image/png;base64,") >= 10
+    for name in ("train", "prune_50", "prune_75"):
+        assert list((again_dir / "tensorboard" / name).rglob("events.out.tfevents.*")), name
+    assert not (root / again["pipeline"]["run"]).exists()  # held only push and report

@@ -395,6 +395,7 @@ def test_cronjob_submits_the_applied_pipeline_version(overlay):
         == one(objects, "ConfigMap", "kfp-launcher")["data"]["defaultPipelineRoot"]
     )
     one(objects, "ServiceAccount", args.service_account)
+    assert args.no_cache  # a retrain runs every stage: a refreshed source is read again
     # The parameter file is the retrain ConfigMap, mounted where --params-file points.
     mount = next(
         m

@@ -10,7 +10,8 @@ from components.parameters import PARAMETERS, pipeline_arguments
 from cycleprune import __version__
 from cycleprune.config import preset
 from pipelines import compile as compile_module
-from pipelines.pipeline import GPU_RESOURCE, build_pipeline
+from pipelines.local import _stage
+from pipelines.pipeline import CACHED_STAGES, GPU_RESOURCE, UNCACHED_STAGES, build_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,44 @@ def test_retries_and_caching(ir):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
     assert not {n for n, t in tasks.items() if "retryPolicy" in t} - {"find-lr", "train", "prune"}
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"configure", "prepare-data"}
+    # Every stage but push (registry side effects) and report (reads push's fresh decision).
+    assert cached == {
+        "configure", "prepare-data", "find-lr", "train", "compress", "evaluate", "select-model",
+        "prune", "compress-2", "evaluate-2",
+    }  # fmt: skip
+    assert {_stage(n) for n in cached} == set(CACHED_STAGES)
+    assert not {"push", "report"} & cached and set(UNCACHED_STAGES) == {"push", "report"}
+
+
+@pytest.mark.parametrize("per_run", [True, False])
+def test_run_id_of_the_checkpointing_stages(tmp_path, per_run):
+    from kfp import compiler
+
+    path = tmp_path / "p.yaml"
+    compiler.Compiler().compile(build_pipeline(checkpoint_run_id=per_run), str(path))
+    top, loop = _tasks({"spec": next(yaml.safe_load_all(path.read_text()))})
+    tasks = {**top, **loop}
+
+    def run_id(name):
+        return tasks[name]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"]
+
+    # The run's ID changes every cache key it enters: kfp.local builds without it.
+    expected = "{{$.pipeline_job_uuid}}" if per_run else ""
+    assert {run_id(n) for n in ("find-lr", "train", "prune")} == {expected}
+    assert run_id("push") == "{{$.pipeline_job_uuid}}"  # the model card's parent run
+
+
+def test_env_reaches_every_task_and_is_absent_by_default(tmp_path, ir):
+    from kfp import compiler
+
+    path = tmp_path / "env.yaml"
+    compiler.Compiler().compile(build_pipeline(env={"A_DIGEST": "abc"}), str(path))
+    executors = next(yaml.safe_load_all(path.read_text()))["deploymentSpec"]["executors"]
+    assert len(executors) == 12  # compress and evaluate twice: before and inside the loop
+    for executor in executors.values():
+        assert executor["container"]["env"] == [{"name": "A_DIGEST", "value": "abc"}]
+    default = ir["spec"]["deploymentSpec"]["executors"].values()
+    assert not any("env" in e["container"] for e in default)
 
 
 def test_prepare_data_sees_only_data_settings(ir):

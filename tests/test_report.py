@@ -1,6 +1,7 @@
 """summary.json, report.html and the results table (cycleprune.report), on synthetic records."""
 
 import json
+import math
 import re
 
 import pytest
@@ -201,6 +202,51 @@ def test_build_run_writes_the_run_folder(tmp_path):
     assert 'class="selected"><td>prune_50/tflite_int8' in page
     assert "threshold_rule: youden" in page  # the configuration
     assert not list(run.parent.glob(".tmp-*"))
+
+
+def test_whole_task_stages_join_seconds_when_known(summary):
+    assert not {"configure", "push", "report"} & set(summary["seconds"])  # unknown: left out
+    known = report.summarize(
+        preset("smoke"),
+        dataset=DATASET,
+        lr_finder=lr_record(),
+        training={"history": history(), "val": {"auc": 0.9}, "seconds": 10.0},
+        pruning=[prune_record(0.5)],
+        evaluations=[evaluation(0.0, 1), evaluation(0.5, 2)],
+        selection=SELECTION,
+        compress_seconds={"dense": 5.0, "prune_50": 6.0},
+        push={"skipped": True, "seconds": 0.25},
+        configure_seconds=0.125,
+    )
+    seconds = known["seconds"]
+    assert (seconds["configure"], seconds["push"]) == (0.125, 0.25)
+    assert known["registry"] is None  # a skipped push, seconds or not
+    assert seconds["total"] == pytest.approx(summary["seconds"]["total"] + 0.375)
+
+
+def test_add_stage_seconds_updates_the_total_in_summary_json(tmp_path):
+    stages = _write_stage_outputs(tmp_path / "stages")
+    run = tmp_path / "run"
+    before = report.build_run(run, stages, preset("smoke"))["seconds"]
+    after = report.add_stage_seconds(run, "report", 1.23456)
+    assert after == storage.read_json(run / "summary.json")
+    assert after["seconds"]["report"] == 1.235
+    assert after["seconds"]["total"] == pytest.approx(before["total"] + 1.235)
+    assert {k: v for k, v in after["seconds"].items() if k not in ("report", "total")} == {
+        k: v for k, v in before.items() if k != "total"
+    }
+    again = report.add_stage_seconds(run, "report", 2.0)  # replaces, never adds up
+    assert again["seconds"]["total"] == pytest.approx(before["total"] + 2.0)
+
+
+@pytest.mark.parametrize(
+    ("stage", "seconds", "message"),
+    [("total", 1.0, "`stage`"), ("", 1.0, "`stage`"), ("report", -1.0, "`seconds`"),
+     ("report", math.nan, "`seconds`")],
+)  # fmt: skip
+def test_add_stage_seconds_rejects_bad_values(tmp_path, stage, seconds, message):
+    with pytest.raises(ValueError, match=message):
+        report.add_stage_seconds(tmp_path, stage, seconds)
 
 
 def test_build_run_reports_a_missing_record(tmp_path):
