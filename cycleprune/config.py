@@ -291,6 +291,11 @@ class TrainConfig:
             (``tf.config.experimental.enable_op_determinism`` + ``keras.utils.set_random_seed``
             with ``seed``), so that a run and a killed-and-resumed run end with the same weights.
             Slower on GPUs; some GPU ops have no deterministic kernel and then raise.
+        precision: ``auto``, ``float32`` or ``mixed_float16`` (float16 compute, float32
+            variables and classifier, dynamic loss scaling) for the LR range test and training.
+            ``auto`` is ``mixed_float16`` when every visible GPU has compute capability >= 7.0,
+            else ``float32``. Saved models are float32 either way; pruning fine-tunes in
+            float32 (see :mod:`cycleprune.precision`).
     """
 
     epochs: int = 8
@@ -303,6 +308,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 42
     deterministic: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         s = "train"
@@ -319,6 +325,7 @@ class TrainConfig:
             self.label_smoothing,
             "must be in [0, 1)",
         )
+        _choice(s, "precision", self.precision, ("auto", "float32", "mixed_float16"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,7 @@ class LRFinderResult:
             when the configuration fixed them (``schedule.min_lr``/``max_lr``); the suggestion is
             then kept in ``suggested_min_lr``/``suggested_max_lr`` (``None`` if the curve had
             no usable descent, with the reason in ``note``).
+        precision: ``float32`` or ``mixed_float16``: what the sweep computed in.
     """
 
     lrs: np.ndarray
@@ -87,6 +88,7 @@ class LRFinderResult:
     suggested_min_lr: float | None = None
     suggested_max_lr: float | None = None
     note: str = ""
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bounds_from == "lr_finder" and self.suggested_min_lr is None:
@@ -107,6 +109,7 @@ class LRFinderResult:
             "suggested_min_lr": _float_or_none(self.suggested_min_lr),
             "suggested_max_lr": _float_or_none(self.suggested_max_lr),
             "note": self.note,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -124,6 +127,7 @@ class LRFinderResult:
             suggested_min_lr=_float_or_none(data.get("suggested_min_lr")),
             suggested_max_lr=_float_or_none(data.get("suggested_max_lr")),
             note=str(data.get("note", "")),
+            precision=str(data.get("precision", "float32")),
         )
 
 
@@ -612,6 +616,10 @@ def run_lr_finder(
     atomically, ``out_dir/lr_finder.json`` (:meth:`LRFinderResult.to_dict`) and
     ``out_dir/lr_finder.png``.
 
+    The model is built, and swept, in the precision training will use: ``train.precision``
+    resolved by :func:`cycleprune.precision.stage_precision` (with the sweep's checkpoints),
+    inside :func:`cycleprune.precision.policy_scope`; the result records it as ``precision``.
+
     Args:
         dataset_dir: A prepared dataset (:func:`cycleprune.data.prepare_dataset`).
         out_dir: Output folder (replaced as a whole).
@@ -632,17 +640,13 @@ def run_lr_finder(
         cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written (with
             ``checkpoint_dir``), rerun to resume.
     """
-    from cycleprune import data, distribution, losses, models, plots, storage, training
+    from cycleprune import data, distribution, losses, models, plots, precision, storage, training
 
     if config.train.deterministic:
         training.enable_determinism(config.train.seed)
     strategy = strategy if strategy is not None else distribution.select_strategy()
     global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     info = data.load_info(dataset_dir)
-    with strategy.scope():
-        model = models.build_model(
-            config.model, info.image_shape, info.num_classes, seed=config.train.seed
-        )
     weights = data.class_weights(info, config.data)
     dataset = data.make_dataset(
         dataset_dir,
@@ -660,6 +664,14 @@ def run_lr_finder(
 
                 local = stack.enter_context(mirror.mirrored_dir(checkpoint_dir))
                 checkpoint_dir, on_checkpoint = local.path, local.sync
+            used = precision.stage_precision(
+                config.train.precision, [checkpoint_dir] if checkpoint_dir is not None else []
+            )
+            stack.enter_context(precision.policy_scope(used))
+            with strategy.scope():
+                model = models.build_model(
+                    config.model, info.image_shape, info.num_classes, seed=config.train.seed
+                )
             result = find_lr(
                 model,
                 dataset,
@@ -685,6 +697,7 @@ def run_lr_finder(
             bounds_from="config",
             note=f"suggestion unavailable: {err}",
         )
+    result = dataclasses.replace(result, precision=used)
     if fixed and result.bounds_from != "config":
         result = dataclasses.replace(
             result,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cycleprune import storage
+from cycleprune import precision, storage
 from cycleprune.compat import keras, tf
 from cycleprune.config import Config, PruneConfig
 
@@ -394,9 +394,16 @@ def run_pruning(
     pruning schedule's steps (``begin_step``, ``end_step``) come from the resulting
     ``steps_per_epoch``.
 
-    Writes, each atomically: ``out_dir/model.keras`` (stripped), ``out_dir/history.json``
-    (``epochs``: per-epoch metrics, ``sparsity``/``lr``: per step from the closed forms, and the
-    schedule's parameters), ``out_dir/sparsity.json`` (``{target, overall, layers,
+    Fine-tuning runs in float32 whatever ``train.precision`` says, inside
+    :func:`cycleprune.precision.policy_scope` (so a caller's global policy does not leak in):
+    tfmot's pruning wrapper does not keep float32 master weights under ``mixed_float16``
+    (:data:`cycleprune.precision.PRUNING_NOTE`). When ``train.precision`` asks for mixed
+    precision on this machine, that is logged and recorded in ``history.json``.
+
+    Writes, each atomically: ``out_dir/model.keras`` (stripped, float32),
+    ``out_dir/history.json`` (``epochs``: per-epoch metrics, ``sparsity``/``lr``: per step from
+    the closed forms, the schedule's parameters, ``precision`` and ``precision_note``: why not
+    mixed precision, or ``""``), ``out_dir/sparsity.json`` (``{target, overall, layers,
     best_checkpoint, ...}``) and ``out_dir/tensorboard/`` (epoch metrics, ``epoch_sparsity`` and
     ``layer_sparsity/<layer>``).
 
@@ -424,10 +431,11 @@ def run_pruning(
     from cycleprune import mirror
 
     args = (model_path, dataset_dir, out_dir, config, final_sparsity, min_lr, max_lr)
-    if checkpoint_dir is not None and storage.is_gcs(checkpoint_dir):
-        with mirror.mirrored_dir(checkpoint_dir) as local:
-            return _run_pruning(*args, local.path, strategy, local.sync)
-    return _run_pruning(*args, checkpoint_dir, strategy, None)
+    with precision.policy_scope(precision.FLOAT32):
+        if checkpoint_dir is not None and storage.is_gcs(checkpoint_dir):
+            with mirror.mirrored_dir(checkpoint_dir) as local:
+                return _run_pruning(*args, local.path, strategy, local.sync)
+        return _run_pruning(*args, checkpoint_dir, strategy, None)
 
 
 def _run_pruning(
@@ -466,6 +474,11 @@ def _run_pruning(
     val_config = dataclasses.replace(config.data, batch_size=global_batch)
     val_ds = data.make_dataset(str(dataset_dir), "val", val_config, training=False)
     steps = training.steps_per_epoch(train_batches(0), info.num_examples("train"), global_batch)
+    note = ""
+    if precision.resolve_precision(config.train.precision) == precision.MIXED:
+        note = precision.PRUNING_NOTE
+        log = logger.info if config.train.precision == precision.AUTO else logger.warning
+        log("train.precision=%s: %s.", config.train.precision, note)
 
     with strategy.scope():
         pruned = prune_model(
@@ -548,6 +561,8 @@ def _run_pruning(
         "global_step": result.global_step,
         "replicas": distribution.replicas(strategy),
         "global_batch_size": global_batch,
+        "precision": precision.FLOAT32,
+        "precision_note": note,
     }
     report = {
         "target": goal,

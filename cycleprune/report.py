@@ -13,7 +13,8 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
   (``suggested_min_lr``, ``suggested_max_lr``), ``bounds_from`` (``lr_finder`` or ``config``),
   ``steps``, ``stopped_early``;
 - ``training``: ``epochs``, ``global_step``, ``steps_per_epoch``, ``policy``, ``step_size``,
-  ``min_lr``, ``max_lr``, ``val`` (last epoch's validation metrics);
+  ``min_lr``, ``max_lr``, ``precision`` (``float32`` or ``mixed_float16``; ``None`` for a run
+  from before the field), ``val`` (last epoch's validation metrics);
 - ``pruning``: one dict per pruned variant (``variant``, ``target_sparsity``, ``sparsity``,
   ``layer_sparsity``, ``warnings``);
 - ``models``: one entry per evaluated model, each with ``name`` (``<variant>/<format>``),
@@ -500,6 +501,7 @@ def summarize(
             "step_size": history.get("step_size"),
             "min_lr": history.get("min_lr"),
             "max_lr": history.get("max_lr"),
+            "precision": history.get("precision"),
             "val": training.get("val", {}),
         },
         "pruning": [

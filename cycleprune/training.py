@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from cycleprune import storage
+from cycleprune import precision, storage
 from cycleprune.compat import keras, tf
 from cycleprune.config import Config, DataConfig, ScheduleConfig, TrainConfig
 from cycleprune.preemption import PreemptedError, SigtermGuard
@@ -292,7 +292,11 @@ def steps_per_epoch(dataset: tf.data.Dataset, num_examples: int, batch_size: int
 
 
 def learning_rate_at(optimizer: keras.optimizers.Optimizer, step: int) -> float:
-    """The learning rate ``optimizer`` uses at global ``step`` (its schedule, or its constant)."""
+    """The learning rate ``optimizer`` uses at global ``step`` (its schedule, or its constant).
+
+    A ``LossScaleOptimizer`` (mixed precision) answers for the optimizer it wraps.
+    """
+    optimizer = precision.inner_optimizer(optimizer)
     schedule = getattr(optimizer, "_learning_rate", None)
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
         return float(schedule(tf.constant(step, tf.int64)))
@@ -417,7 +421,12 @@ def fit(
             reproduce, after a resume, the order in which an uninterrupted run reshuffles it.
             An infinite dataset gives ``steps_per_epoch`` batches of a fresh iterator per epoch.
         val_ds: Validation batches, evaluated after every epoch, or ``None``.
-        optimizer: The optimizer (its variables are built here, before any restore).
+        optimizer: The optimizer (its variables are built here, before any restore). For a
+            mixed-precision model, a ``LossScaleOptimizer``
+            (:func:`~cycleprune.precision.wrap_optimizer`); ``compile`` wraps a plain one, and
+            the wrapper is what is trained and checkpointed. The wrapper skips a step whose
+            scaled gradients overflow, and counts it in ``optimizer.iterations``; that is not
+            divergence (the finite-loss check sees the unscaled loss).
         loss: The loss; it is wrapped in :class:`FiniteLoss`.
         epochs: Total epochs of the run (restored ones included).
         steps_per_epoch: Optimizer steps per epoch. For a finite dataset it must equal the
@@ -479,6 +488,7 @@ def fit(
             loss=FiniteLoss(loss),
             metrics=list(metrics) if metrics is not None else default_metrics(2),
         )
+        optimizer = model.optimizer  # compile wraps a plain optimizer for a mixed_float16 model
         # Create the slot variables now so that a restore fills them instead of deferring.
         optimizer.build(model.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -647,8 +657,15 @@ def run_training(
     appearing atomically. ``history.json`` holds ``epochs`` (one dict per epoch, see
     :class:`FitResult`), ``lr`` (the LR of every step ``0..global_step-1``, from the closed form
     :func:`cycleprune.schedules.clr`), ``min_lr``, ``max_lr``, ``step_size``, ``policy``,
-    ``gamma``, ``num_epochs``, ``steps_per_epoch``, ``global_step``, ``replicas`` and
-    ``global_batch_size``.
+    ``gamma``, ``num_epochs``, ``steps_per_epoch``, ``global_step``, ``replicas``,
+    ``global_batch_size`` and ``precision``.
+
+    Precision: ``train.precision`` resolved by :func:`cycleprune.precision.stage_precision`
+    (``auto``: ``mixed_float16`` on GPUs of compute capability >= 7.0, else ``float32``; a
+    resumed float32 run stays float32). Under ``mixed_float16`` the model is built, and trained,
+    inside :func:`cycleprune.precision.policy_scope` (the previous global policy is restored
+    afterwards) with a ``LossScaleOptimizer``; ``model.keras`` is float32 either way
+    (:func:`save_model`).
 
     Args:
         dataset_dir: A prepared dataset (train and val splits).
@@ -723,28 +740,37 @@ def _run_training(
         step_size,
     )
 
-    with strategy.scope():
-        model = models.build_model(
-            config.model, info.image_shape, info.num_classes, seed=config.train.seed
-        )
-        optimizer = schedules.make_optimizer(
-            config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
-        )
-        metrics = default_metrics(info.num_classes, config.evaluate.positive_class)
-    result = fit(
-        model,
-        train_batches,
-        val_ds,
-        optimizer=optimizer,
-        loss=losses.make_loss(config.train),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        checkpoint_dir=checkpoint_dir,
-        tensorboard_dir=checkpoint_dir / TENSORBOARD_DIR,
-        metrics=metrics,
-        max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
-        on_checkpoint=on_checkpoint,
+    used = precision.stage_precision(
+        config.train.precision, [checkpoint_dir, checkpoint_dir / PARTIAL_DIR]
     )
+    logger.info("Training in %s (train.precision=%s)", used, config.train.precision)
+
+    with precision.policy_scope(used):
+        with strategy.scope():
+            model = models.build_model(
+                config.model, info.image_shape, info.num_classes, seed=config.train.seed
+            )
+            optimizer = precision.wrap_optimizer(
+                schedules.make_optimizer(
+                    config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
+                ),
+                used,
+            )
+            metrics = default_metrics(info.num_classes, config.evaluate.positive_class)
+        result = fit(
+            model,
+            train_batches,
+            val_ds,
+            optimizer=optimizer,
+            loss=losses.make_loss(config.train),
+            epochs=epochs,
+            steps_per_epoch=steps,
+            checkpoint_dir=checkpoint_dir,
+            tensorboard_dir=checkpoint_dir / TENSORBOARD_DIR,
+            metrics=metrics,
+            max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
+            on_checkpoint=on_checkpoint,
+        )
 
     lrs = schedules.clr(
         np.arange(result.global_step),
@@ -767,6 +793,7 @@ def _run_training(
         "global_step": result.global_step,
         "replicas": distribution.replicas(strategy),
         "global_batch_size": global_batch,
+        "precision": used,
     }
     model_path = write_outputs(model, out_dir, history, checkpoint_dir / TENSORBOARD_DIR)
     return TrainResult(
@@ -813,11 +840,15 @@ def write_outputs(
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
-    """Save an uncompiled copy of ``model`` to ``path`` (``.keras``) atomically."""
+    """Save an uncompiled float32 copy of ``model`` to ``path`` (``.keras``) atomically.
+
+    The copy computes in float32 whatever precision ``model`` was trained in
+    (:func:`cycleprune.precision.to_float32`), so the next stages (pruning, TFLite, CPU
+    evaluation) load a float32 model.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export = keras.models.clone_model(model)
-    export.set_weights(model.get_weights())
+    export = precision.to_float32(model)
     tmp = path.with_name(f"{storage.TMP_PREFIX}{path.stem}.{os.getpid()}{path.suffix}")
     try:
         export.save(str(tmp))
@@ -940,7 +971,7 @@ class _Recorder:
         lr = float(optimizer.learning_rate.numpy())  # the LR of the epoch's last step
         entry: dict[str, Any] = {"epoch": number, "global_step": step, "lr": lr}
         entry.update(logs)
-        momentum_schedule = getattr(optimizer, "momentum_schedule", None)
+        momentum_schedule = getattr(precision.inner_optimizer(optimizer), "momentum_schedule", None)
         if momentum_schedule is not None:  # cyclical momentum: the value of the last step
             entry["momentum"] = float(momentum_schedule(step - 1))
         if self.epoch_metadata is not None:
