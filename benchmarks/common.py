@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,99 @@ def interleaved(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: summarize(values) for name, values in samples.items()}
+
+
+def paired_rounds(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    alternate: bool = True,
+    between: Callable[[], Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time every callable once per round, ``repeats`` rounds, for :func:`paired_ratio`.
+
+    ``warmup`` untimed rounds come first, then the timed ones. Counting all rounds from 0, round
+    ``i`` runs the callables in the given order when ``i`` is even and in reverse order when it
+    is odd (with ``alternate``): A B C, C B A, A B C, ... No side always runs first or last, and
+    over two rounds a drift within the run weighs on both sides of a pair alike; use an even
+    ``repeats``. Sample ``i`` of every side comes from timed round ``i``, so samples of two sides
+    with the same index were taken back to back, under the same conditions.
+
+    A callable may return the seconds to record (a number, e.g. measured inside the call up to a
+    mark, so as to leave out a teardown); otherwise the wall time of the call is recorded.
+    ``between()``, when given, runs untimed after every call (e.g. ``gc.collect``).
+
+    Returns:
+        ``{name: {"median_s", "min_s", "max_s", "samples_s", "wall_samples_s"}}`` in the order
+        of ``fns``: :func:`summarize` of the recorded seconds, plus the wall time of every call.
+    """
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        order = names[::-1] if alternate and i % 2 else names
+        for name in order:
+            start = time.perf_counter()
+            reported = fns[name]()
+            wall = time.perf_counter() - start
+            if between is not None:
+                between()
+            if i < warmup:
+                continue
+            own = isinstance(reported, (int, float)) and not isinstance(reported, bool)
+            samples[name].append(float(reported) if own else wall)
+            walls[name].append(wall)
+    return {
+        name: {
+            **summarize(samples[name]),
+            "wall_samples_s": [round(v, 6) for v in walls[name]],
+        }
+        for name in names
+    }
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, Any]:
+    """The median of the per-round ratios ``numerator[i] / denominator[i]``, and their spread.
+
+    Samples with the same index must come from the same round (see :func:`paired_rounds`). For
+    "A's throughput over B's" on the same work per call, pass B's seconds as ``numerator`` and
+    A's as ``denominator``. Each ratio compares two calls timed back to back, which cancels what
+    moved both (drift over the run, another process, a clock change); a ratio of the two sides'
+    medians does not, as the medians may come from different rounds. The median of the ratios
+    also shrugs off a minority of rounds where only one side was disturbed.
+
+    Returns:
+        ``{"median", "q1", "q3", "min", "max", "n", "ratios", "ratio_of_medians"}``: ``q1`` and
+        ``q3`` are the quartiles of the per-round ratios (inclusive method; both the ratio
+        itself for one round), ``ratio_of_medians`` is ``median(numerator) /
+        median(denominator)``, kept for comparison.
+
+    Raises:
+        ValueError: no rounds, sequences of different lengths, or a sample that is not > 0.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(
+            "Arguments `numerator` and `denominator` must be non-empty and of the same length. "
+            f"Received: {len(numerator)} and {len(denominator)} samples"
+        )
+    if min(*numerator, *denominator) <= 0:
+        raise ValueError("Every sample must be > 0 seconds.")
+    ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return {
+        "median": statistics.median(ratios),
+        "q1": q1,
+        "q3": q3,
+        "min": min(ratios),
+        "max": max(ratios),
+        "n": len(ratios),
+        "ratios": [round(r, 6) for r in ratios],
+        "ratio_of_medians": statistics.median(numerator) / statistics.median(denominator),
+    }
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:

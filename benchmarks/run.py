@@ -143,6 +143,7 @@ def machine_record() -> dict[str, Any]:
         "tfmot": version("tensorflow-model-optimization"),
         "ai_edge_litert": version("ai-edge-litert"),
         "gpus": _gpus(),
+        "tf_threads": _tf_threads(),
         "git_commit": commit,
         "git_dirty": dirty,
         "started_utc": _now(),
@@ -186,6 +187,21 @@ def _gpus() -> list[dict[str, Any]]:
             }
         )
     return gpus
+
+
+def _tf_threads() -> dict[str, Any]:
+    """TensorFlow's intra-/inter-op thread settings (0: its default, one per usable core)."""
+    from cycleprune.compat import tf
+
+    return {
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        **{
+            name: os.environ[name]
+            for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+            if name in os.environ
+        },
+    }
 
 
 def _git(*args: str) -> str | None:
@@ -250,6 +266,7 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
         f"- commit: {machine.get('git_commit')}{' (dirty)' if machine.get('git_dirty') else ''}",
         f"- CPU: {machine.get('cpu')}, {machine.get('logical_cores')} logical cores, "
         f"{machine.get('affinity_count')} usable; RAM {machine.get('ram_gib')} GiB; GPUs: {gpus}",
+        f"- TensorFlow threads: {_threads(machine.get('tf_threads'))}",
         f"- Python {machine.get('python')}, TensorFlow {machine.get('tensorflow')}, tf_keras "
         f"{machine.get('tf_keras')}, tfmot {machine.get('tfmot')}, ai-edge-litert "
         f"{machine.get('ai_edge_litert')}",
@@ -293,6 +310,14 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
                 lines += [f"**{caption}**", ""]
             lines += _table(table["columns"], table["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _threads(threads: Mapping[str, Any] | None) -> str:
+    if not threads:
+        return "-"
+    return ", ".join(
+        f"{name} {'default' if value == 0 else value}" for name, value in threads.items()
+    )
 
 
 def _table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:

@@ -5,8 +5,9 @@ loss, metrics and training images) for the same number of steps per timed call:
 
 - **a, cycleprune**: the library's path. :func:`cycleprune.training.fit` compiles the model
   (:func:`~cycleprune.schedules.make_optimizer`: SGD + momentum under the in-graph
-  :class:`~cycleprune.schedules.CyclicalLearningRate`; the focal loss wrapped in
-  :class:`~cycleprune.training.FiniteLoss`; :func:`~cycleprune.training.default_metrics`) and
+  :class:`~cycleprune.schedules.CyclicalLearningRate`; the preset's loss from
+  :func:`cycleprune.losses.make_loss` wrapped in :class:`~cycleprune.training.FiniteLoss`;
+  :func:`~cycleprune.training.default_metrics`) and
   trains the warm-up epoch; each timed call is then the ``model.fit`` of one epoch that
   ``training.fit`` runs, on the batches of :func:`cycleprune.training.epoch_batches` (the
   ``tf.data`` pipeline of :func:`cycleprune.data.make_dataset`, class weights as sample
@@ -14,10 +15,14 @@ loss, metrics and training images) for the same number of steps per timed call:
   timed: this is the training step.
 - **b, article**: the article's approach, :class:`benchmarks.article_callback.CyclicLR`, a Python
   callback that reads and sets the LR after every batch, and ``model.fit`` on numpy arrays with
-  ``class_weight=`` (as in the article); plain focal loss, same metrics.
-- **c, plain**: ``model.fit`` with a constant LR (SGD + momentum, plain focal loss, same
-  metrics), fed by the same ``tf.data`` pipeline as (a): a/c is the cost of the library's
+  ``class_weight=`` (as in the article); the same loss, not wrapped, same metrics.
+- **c, plain**: ``model.fit`` with a constant LR (SGD + momentum, the same loss not wrapped,
+  same metrics), fed by the same ``tf.data`` pipeline as (a): a/c is the cost of the library's
   training step (in-graph schedule, NaN check) over the cheapest Keras step.
+
+Every side weights the images by class (the preset's class weights: sample weights in the
+pipeline of (a) and (c), ``class_weight=`` for (b)), gets float32 images 0..255 and one-hot
+labels, and builds its own model from the same seed (same initial weights).
 
 Augmentation is off on every side (the article's numpy feed has none to compare with); the
 library's augmented pipeline is timed as an extra (``a_augment``), and (a) with
@@ -25,17 +30,50 @@ library's augmented pipeline is timed as an extra (``a_augment``), and (a) with
 
 Models: the ``small`` preset (width 0.25, BatchNorm, batch 64, 28 x 28; one epoch of the 4,708
 training images per timed call) and the article's full-width VGG (preset ``seed``: width 1.0,
-no BatchNorm, batch 32; 10 steps per timed call). CLR bounds are the article's 1e-3..1e-1, with
-the real half-cycle (``step_size_epochs`` x the real steps per epoch) on (a) and (b). Every
-model gets one untimed warm-up fit (tracing), then the sides run interleaved (a b c a b c ...)
-and the median of the repeats is reported.
+no BatchNorm, batch 32; :data:`FULL_WIDTH_STEPS` steps per timed call). CLR bounds are the
+article's 1e-3..1e-1, with the real half-cycle (``step_size_epochs`` x the real steps per epoch)
+on (a) and (b).
+
+Method:
+
+- **What is timed.** A timed call is one ``model.fit``, from the call to its ``on_train_end``
+  (a callback with no per-batch hook, given to every side): everything of the fit up to the
+  last step, metrics read back, but not the teardown after ``on_train_end``. Destroying a
+  ``tf.data`` iterator (every fit ends by dropping one, on every side: the numpy feed of (b) is
+  a ``tf.data`` pipeline inside Keras too) may block until the next tick of tf.data's autotuning
+  thread, whose period doubles from 10 ms (ticks at ~0.31, 0.63, 1.27, 2.55, 5.11 s after the
+  iterator was made), so a fit of 1.9 s or 2.4 s sometimes returned at 2.58 s or 5.15 s: about
+  half the calls of the 2026-12-04 runs, at random, which made the medians and their ratios
+  jump between runs. The wall time of each call is still recorded (``wall_samples_s``) and the
+  difference reported per side as ``teardown_*``.
+- **Paired rounds.** After one untimed warm-up fit per model (tracing) and, in full mode, one
+  untimed round, the sides run in :data:`FULL_ROUNDS` rounds (``ctx.repeats`` in quick mode),
+  each side once per round, in the order b a c (extras) and reversed every other round
+  (:func:`benchmarks.common.paired_rounds`); ``gc.collect()`` runs untimed after every call.
+- **Ratios.** Each ratio (images/s of one side over another's, same images per call) is the
+  median of the per-round ratios of the two sides' calls of the same round, timed back to back
+  (:func:`benchmarks.common.paired_ratio`), which cancels a drift of the machine over the run;
+  the quartiles and the range of the per-round ratios are in the results and the target's
+  note, and each side's median images/s is kept, with the old ratio of medians beside.
+- **Threads.** TensorFlow's thread pools are left at their defaults (one thread per usable
+  core); they are process-wide, so every side shares them. ``benchmarks.run`` records the
+  setting in the machine record.
+
+Durations (full mode, 2 cores, from the 2026-12-04 samples): a round takes ~18 s of wall time
+on ``small`` (5 sides, teardown waits included) and ~14 s on the full width (3 x 20 steps of
+~0.2 s, each call ending before the 5.1 s tick); with the untimed round and ~45 s of setup, the
+section takes about 5.5 minutes. ``FULL_WIDTH_STEPS`` is chosen so that a call ends well between
+two ticks: 16 steps (~3.1 s) would wait for the 5.1 s tick about half the time, and over ~5 s
+the next tick is at 10.2 s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +85,9 @@ from benchmarks import common
 from benchmarks.common import Context, Target
 
 ARTICLE_BOUNDS = (1e-3, 1e-1)
-FULL_WIDTH_STEPS = 10
+FULL_WIDTH_STEPS = 20
+FULL_ROUNDS = 8  # paired rounds in full mode (at least ctx.repeats; made even)
+ORDER = ("b", "a", "c")  # round order (reversed every other round): (a) next to (b) and (c)
 DESCRIPTIONS = {
     "a": "cycleprune: training.fit path, in-graph CLR, tf.data",
     "b": "article: CyclicLR callback, numpy arrays",
@@ -62,7 +102,12 @@ def run(ctx: Context) -> dict[str, Any]:
     extras = ("a_jit",) if ctx.quick else ("a_jit", "a_augment")
     small = _compare(ctx, prepared, "small", steps=3 if ctx.quick else None, extras=extras)
     full = _compare(ctx, prepared, "seed", steps=2 if ctx.quick else FULL_WIDTH_STEPS, extras=())
-    presets = {"small": small, "full_width": full}
+    return assemble({"small": small, "full_width": full})
+
+
+def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The section record from each preset's :func:`_compare` (``small``, ``full_width``)."""
+    small, full = presets["small"], presets["full_width"]
     rows = []
     for label, result in presets.items():
         for side, stats in result["sides"].items():
@@ -73,6 +118,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     DESCRIPTIONS[side],
                     round(stats["images_per_s"], 1),
                     round(stats["median_s"], 3),
+                    round(stats["teardown_median_s"], 3),
+                    round(stats["teardown_max_s"], 3),
                     f"{result['steps']} x {result['batch_size']}",
                 ]
             )
@@ -81,15 +128,33 @@ def run(ctx: Context) -> dict[str, Any]:
         "a/b": "(b): article's CyclicLR callback on numpy arrays; augmentation off",
     }
     targets = []
+    ratio_rows = []
     for label, result in presets.items():
         name = label.replace("_", " ")
         for pair in ("a/c", "a/b"):
             goal = 0.97 if pair == "a/c" else 1.05
+            paired = result["paired"][pair]
             targets.append(
                 Target(
-                    f"throughput {pair} ({name})", result["ratios"][pair], goal, note=notes[pair]
+                    f"throughput {pair} ({name})",
+                    paired["median"],
+                    goal,
+                    note=f"{spread(paired)}; {notes[pair]}",
                 )
             )
+        for pair, paired in result["paired"].items():
+            if paired is not None:
+                ratio_rows.append(
+                    [
+                        label,
+                        pair,
+                        round(paired["median"], 4),
+                        f"{paired['q1']:.4f} - {paired['q3']:.4f}",
+                        f"{paired['min']:.4f} - {paired['max']:.4f}",
+                        paired["n"],
+                        round(paired["ratio_of_medians"], 4),
+                    ]
+                )
     return {
         "results": {
             "a_over_b_small": small["ratios"]["a/b"],
@@ -98,18 +163,50 @@ def run(ctx: Context) -> dict[str, Any]:
             "a_over_c_full_width": full["ratios"]["a/c"],
             "jit_over_a_small": small["ratios"]["a_jit/a"],
             "augment_over_a_small": small["ratios"]["a_augment/a"],
+            "rounds": small["rounds"],
             "epoch_startup_s_small": small["epoch_startup"]["median_s"],
             "epoch_startup_share_of_a_small": small["epoch_startup_share_of_a"],
             "epoch_startup_share_of_a_full_width": full["epoch_startup_share_of_a"],
             "presets": presets,
             "table": {
-                "columns": ["model", "side", "implementation", "images/s", "median s", "steps"],
+                "columns": [
+                    "model",
+                    "side",
+                    "implementation",
+                    "images/s",
+                    "median s",
+                    "teardown median s",
+                    "teardown max s",
+                    "steps",
+                ],
                 "rows": rows,
+            },
+            "tables": {
+                "paired ratios (images/s over images/s, per round)": {
+                    "columns": [
+                        "model",
+                        "ratio",
+                        "median",
+                        "IQR",
+                        "min - max",
+                        "rounds",
+                        "ratio of medians",
+                    ],
+                    "rows": ratio_rows,
+                }
             },
         },
         "targets": [t.to_dict() for t in targets],
         "skipped": None,
     }
+
+
+def spread(paired: dict[str, Any]) -> str:
+    """``paired_ratio``'s spread in words, for a target's note."""
+    return (
+        f"median of {paired['n']} per-round ratios, IQR {paired['q1']:.3f}-{paired['q3']:.3f}, "
+        f"range {paired['min']:.3f}-{paired['max']:.3f}"
+    )
 
 
 def _compare(
@@ -139,38 +236,80 @@ def _compare(
         images=images,
         label=f"throughput-{preset}",
     )
-    sides: dict[str, Callable[[], Any]] = {
+    built: dict[str, Callable[[], Any]] = {
         "a": setup.library(),
         "b": setup.article(),
         "c": setup.plain(),
     }
     if "a_jit" in extras:
-        sides["a_jit"] = setup.library(jit=True)
+        built["a_jit"] = setup.library(jit=True)
     if "a_augment" in extras:
-        sides["a_augment"] = setup.library(augment=True)
+        built["a_augment"] = setup.library(augment=True)
+    sides = {name: built[name] for name in (*ORDER, *extras)}
+    rounds = ctx.repeats if ctx.quick else max(ctx.repeats, FULL_ROUNDS)
+    rounds += rounds % 2  # even: every side as often in each position
     # Every side was warmed up (traced) when it was built; one more untimed round in full mode.
-    timings = common.interleaved(sides, ctx.repeats, warmup=0 if ctx.quick else 1)
+    timings = common.paired_rounds(sides, rounds, warmup=0 if ctx.quick else 1, between=gc.collect)
+    timings = {name: timings[name] for name in built}  # a, b, c, extras in the tables
+    return compare_timings(
+        timings,
+        images=images,
+        startup=setup.pipeline_startup(ctx.repeats),
+        info={
+            "preset": preset,
+            "model": dataclasses.asdict(config.model),
+            "batch_size": batch,
+            "steps": steps,
+            "images_per_call": images,
+            "steps_per_epoch": epoch_steps,
+            "min_lr": ARTICLE_BOUNDS[0],
+            "max_lr": ARTICLE_BOUNDS[1],
+            "rounds": rounds,
+            "order": [*ORDER, *extras],
+        },
+    )
+
+
+def compare_timings(
+    timings: dict[str, dict[str, Any]],
+    *,
+    images: int,
+    startup: dict[str, Any],
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """One preset's result from :func:`benchmarks.common.paired_rounds`' timings of its sides.
+
+    Adds ``images_per_s`` (of the median) and the teardown left out of each sample (wall time
+    minus recorded time: median, max) to every side; ``paired`` holds
+    :func:`benchmarks.common.paired_ratio` of each ratio (``None`` when a side is missing) and
+    ``ratios`` its median.
+    """
     for stats in timings.values():
         stats["images_per_s"] = images / stats["median_s"]
-    ips = {side: stats["images_per_s"] for side, stats in timings.items()}
-    startup = setup.pipeline_startup(ctx.repeats)
-    ratios = {
-        "a/b": ips["a"] / ips["b"],
-        "a/c": ips["a"] / ips["c"],
-        "a_jit/a": common.ratio(ips.get("a_jit"), ips["a"]),
-        "a_augment/a": common.ratio(ips.get("a_augment"), ips["a"]),
+        teardown = [
+            max(0.0, wall - own)
+            for wall, own in zip(stats["wall_samples_s"], stats["samples_s"], strict=True)
+        ]
+        stats["teardown_median_s"] = statistics.median(teardown)
+        stats["teardown_max_s"] = max(teardown)
+
+    def faster(side: str, than: str) -> dict[str, Any] | None:
+        """images/s of ``side`` over those of ``than``: ``than``'s seconds over ``side``'s."""
+        if side not in timings or than not in timings:
+            return None
+        return common.paired_ratio(timings[than]["samples_s"], timings[side]["samples_s"])
+
+    paired = {
+        "a/b": faster("a", "b"),
+        "a/c": faster("a", "c"),
+        "a_jit/a": faster("a_jit", "a"),
+        "a_augment/a": faster("a_augment", "a"),
     }
     return {
-        "preset": preset,
-        "model": dataclasses.asdict(config.model),
-        "batch_size": batch,
-        "steps": steps,
-        "images_per_call": images,
-        "steps_per_epoch": epoch_steps,
-        "min_lr": ARTICLE_BOUNDS[0],
-        "max_lr": ARTICLE_BOUNDS[1],
+        **info,
         "sides": timings,
-        "ratios": ratios,
+        "paired": paired,
+        "ratios": {pair: None if p is None else p["median"] for pair, p in paired.items()},
         "epoch_startup": startup,
         "epoch_startup_share_of_a": startup["median_s"] / timings["a"]["median_s"],
     }
@@ -178,6 +317,9 @@ def _compare(
 
 class Setup:
     """Builds each side's model and returns its timed call (after one untimed warm-up fit).
+
+    A timed call runs one ``model.fit`` and returns the seconds from the call to the fit's
+    ``on_train_end``, leaving out the teardown that follows (see the module).
 
     Args:
         ctx: The benchmark context (checkpoints go to ``ctx.work_dir / label``).
@@ -242,6 +384,36 @@ class Setup:
             return make
         return lambda epoch: make(epoch).take(self.steps)
 
+    @staticmethod
+    def _timed(fit: Callable[[list], Any]) -> Callable[[], float]:
+        """``fit(callbacks)`` as a call that returns the seconds from its start to ``on_train_end``.
+
+        The mark is a callback with no per-batch hook (Keras then adds no per-step work for it)
+        that accepts the logs as tensors (no conversion to numbers for its sake).
+        """
+        from cycleprune.compat import keras
+
+        class TrainEnd(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self._supports_tf_logs = True
+                self.at: float | None = None
+
+            def on_train_end(self, logs=None):
+                self.at = time.perf_counter()
+
+        mark = TrainEnd()
+
+        def timed() -> float:
+            mark.at = None
+            start = time.perf_counter()
+            fit([mark])
+            if mark.at is None:
+                raise RuntimeError("model.fit returned without calling on_train_end")
+            return mark.at - start
+
+        return timed
+
     def library(self, *, jit: bool = False, augment: bool = False) -> Callable[[], Any]:
         from cycleprune import losses, schedules, training
 
@@ -268,10 +440,11 @@ class Setup:
             handle_sigterm=False,
         )
         epochs = itertools.count(1)
-
-        def fit() -> Any:
-            return model.fit(batches(next(epochs)), epochs=1, verbose=0)
-
+        fit = self._timed(
+            lambda callbacks: model.fit(
+                batches(next(epochs)), epochs=1, verbose=0, callbacks=callbacks
+            )
+        )
         if jit:
             model.jit_compile = True  # resets the compiled train function
             fit()  # warm-up: XLA compilation
@@ -300,19 +473,18 @@ class Setup:
             base_lr=low, max_lr=high, step_size=self.step_size, mode=self.config.schedule.policy
         )
         batch = self.config.data.batch_size
-
-        def fit() -> Any:
-            return model.fit(
+        fit = self._timed(
+            lambda callbacks: model.fit(
                 x,
                 y,
                 batch_size=batch,
                 epochs=1,
                 steps_per_epoch=steps,
                 class_weight=self.class_weight,
-                callbacks=[clr],
+                callbacks=[clr, *callbacks],
                 verbose=0,
             )
-
+        )
         fit()  # warm-up: tracing
         return fit
 
@@ -331,10 +503,11 @@ class Setup:
         )
         batches = self._batches()
         epochs = itertools.count()
-
-        def fit() -> Any:
-            return model.fit(batches(next(epochs)), epochs=1, verbose=0)
-
+        fit = self._timed(
+            lambda callbacks: model.fit(
+                batches(next(epochs)), epochs=1, verbose=0, callbacks=callbacks
+            )
+        )
         fit()  # warm-up: tracing
         return fit
 
@@ -348,6 +521,8 @@ class Setup:
         samples = []
         for epoch in range(1000, 1000 + repeats):
             start = time.perf_counter()
-            next(iter(make(epoch)))
+            iterator = iter(make(epoch))
+            next(iterator)
             samples.append(time.perf_counter() - start)
+            del iterator  # after the clock: destroying it may wait for tf.data (see the module)
         return common.summarize(samples)

@@ -1,5 +1,6 @@
 """The benchmark sections' arithmetic, on fake inputs: compression table and targets, pipeline
-overhead, LR range test cost, and the data-scaling image-folder builder."""
+overhead, LR range test cost, the data-scaling image-folder builder, and the throughput
+section's paired ratios (plus one short real run of its three sides)."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import compression, data_scaling, lr_range, pipeline_overhead
+from benchmarks import common, compression, data_scaling, lr_range, pipeline_overhead, throughput
 from benchmarks.common import Context
 
 
@@ -216,3 +217,97 @@ def test_pipeline_overhead_section_from_fake_runs(tmp_path, monkeypatch):
     rows = {row[0]: row for row in results["table"]["rows"]}
     assert rows["compress"][1:5] == [2, "20.0", "16.0", "4.0"]
     assert rows["report"][4] == "4.0" and rows["report"][6].startswith("no")
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput
+
+
+def _side(samples, teardown=0.0):
+    walls = [v + teardown for v in samples]
+    return {**common.summarize(samples), "wall_samples_s": walls}
+
+
+def _preset(sides, steps=10, batch=32):
+    startup = common.summarize([0.05, 0.05])
+    info = {"preset": "p", "batch_size": batch, "steps": steps, "rounds": 4}
+    timings = {name: _side(*args) for name, args in sides.items()}
+    return throughput.compare_timings(timings, images=steps * batch, startup=startup, info=info)
+
+
+def test_throughput_ratios_are_paired_per_round():
+    # (b) and (c) take 1.1x as long as (a) in every round while the machine drifts 2x; one call
+    # of (c) is an outlier. Samples of (a) carry a 2.5 s teardown, left out of the timing.
+    a = [1.0, 2.0, 1.5, 1.2]
+    result = _preset(
+        {
+            "a": (a, 2.5),
+            "b": ([1.1 * v for v in a],),
+            "c": ([1.1, 9.0, 1.65, 1.32],),
+            "a_jit": ([0.5 * v for v in a],),
+        }
+    )
+    assert result["ratios"]["a/b"] == pytest.approx(1.1)
+    assert result["ratios"]["a/c"] == pytest.approx(1.1)  # the median ignores round 1's 4.5
+    assert result["paired"]["a/c"]["max"] == pytest.approx(4.5)
+    assert result["ratios"]["a_jit/a"] == pytest.approx(2.0)
+    assert result["paired"]["a_augment/a"] is None and result["ratios"]["a_augment/a"] is None
+    sides = result["sides"]
+    assert sides["a"]["images_per_s"] == pytest.approx(320 / 1.35)
+    assert sides["a"]["teardown_median_s"] == pytest.approx(2.5)
+    assert sides["b"]["teardown_max_s"] == pytest.approx(0.0, abs=1e-9)
+    assert result["epoch_startup_share_of_a"] == pytest.approx(0.05 / 1.35)
+    assert result["rounds"] == 4 and result["steps"] == 10
+
+
+def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_compare(ctx, prepared, preset, *, steps, extras):
+        seen.append((preset, steps, extras))
+        sides = {"a": ([1.0, 1.0],), "b": ([1.02, 1.06],), "c": ([0.98, 0.99],)}
+        sides.update({name: ([1.5, 1.5],) for name in extras})
+        return _preset(sides, steps=steps or 74, batch=64)
+
+    monkeypatch.setattr(common, "prepared_dataset", lambda ctx: tmp_path)
+    monkeypatch.setattr(throughput, "_compare", fake_compare)
+    out = throughput.run(Context(quick=True, work_dir=tmp_path, repeats=2))
+
+    assert seen == [("small", 3, ("a_jit",)), ("seed", 2, ())]
+    targets = {t["name"]: t for t in out["targets"]}
+    assert set(targets) == {
+        f"throughput {pair} ({model})"
+        for pair in ("a/b", "a/c")
+        for model in ("small", "full width")
+    }
+    ab = targets["throughput a/b (small)"]
+    assert ab["measured"] == pytest.approx(1.04)  # median of 1.02 and 1.06
+    assert ab["met"] is False and ab["goal"] == ">= 1.05"
+    assert ab["note"].startswith("median of 2 per-round ratios, IQR 1.030-1.050, range 1.020-1.060")
+    assert "numpy arrays" in ab["note"]
+    assert targets["throughput a/c (full width)"]["measured"] == pytest.approx(0.985)
+    results = out["results"]
+    assert results["a_over_b_small"] == pytest.approx(1.04)
+    assert results["jit_over_a_small"] == pytest.approx(1 / 1.5)
+    assert results["augment_over_a_small"] is None
+    assert len(results["table"]["rows"]) == 4 + 3  # small: a b c a_jit; full width: a b c
+    ratio_rows = next(iter(results["tables"].values()))["rows"]
+    assert ["small", "a/b", 1.04, "1.0300 - 1.0500", "1.0200 - 1.0600", 2, 1.04] in ratio_rows
+    json.dumps(out)  # JSON-serialisable as is
+
+
+def test_throughput_sides_on_tiny_data(tiny_dataset, tmp_path):
+    """The three real sides, 2 steps each, in 2 paired rounds: same work, teardown left out."""
+    ctx = Context(quick=True, work_dir=tmp_path, repeats=2)
+    result = throughput._compare(ctx, tiny_dataset, "small", steps=2, extras=())
+
+    assert result["rounds"] == 2 and result["order"] == ["b", "a", "c"]
+    assert result["images_per_call"] == 2 * 64
+    assert list(result["sides"]) == ["a", "b", "c"]
+    for stats in result["sides"].values():
+        assert len(stats["samples_s"]) == 2
+        for own, wall in zip(stats["samples_s"], stats["wall_samples_s"], strict=True):
+            assert 0 < own <= wall
+    for pair in ("a/b", "a/c"):
+        assert result["paired"][pair]["n"] == 2
+        assert result["ratios"][pair] > 0

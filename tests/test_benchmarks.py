@@ -13,7 +13,7 @@ from benchmarks import run as bench_run
 from benchmarks.common import Target
 
 # --------------------------------------------------------------------------------------------
-# Target and interleaved()
+# Target, interleaved(), paired_rounds() and paired_ratio()
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,119 @@ def test_interleaved_order_and_medians(monkeypatch):
     assert out["b"]["median_s"] == 20.0
     assert out["a"]["samples_s"] == [1.0, 5.0, 3.0]
     assert (out["b"]["min_s"], out["b"]["max_s"]) == (10.0, 30.0)
+
+
+def _fake_clock(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return clock
+
+
+def test_paired_rounds_alternate_the_order_and_pair_the_samples(monkeypatch):
+    clock = _fake_clock(monkeypatch)
+    calls = []
+
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+
+        return fn
+
+    between = []
+    out = common.paired_rounds(
+        {"a": make("a", 1.0), "b": make("b", 2.0), "c": make("c", 4.0)},
+        repeats=3,
+        warmup=1,
+        between=lambda: between.append(len(calls)),
+    )
+    # Warm-up round (forward, untimed), then reverse, forward, reverse.
+    assert calls == list("abccbaabccba")
+    assert between == list(range(1, 13))  # after every call, outside the timing
+    assert list(out) == ["a", "b", "c"]
+    assert out["a"]["samples_s"] == [1.0, 1.0, 1.0]
+    assert out["c"]["wall_samples_s"] == [4.0, 4.0, 4.0]
+    assert out["b"]["median_s"] == 2.0
+
+    calls.clear()
+    common.paired_rounds({"a": make("a", 1.0), "b": make("b", 1.0)}, 2, warmup=0, alternate=False)
+    assert calls == list("abab")
+
+
+def test_paired_rounds_record_the_seconds_a_call_returns(monkeypatch):
+    clock = _fake_clock(monkeypatch)
+
+    def fit():
+        clock[0] += 3.0
+        return 2.5  # e.g. up to on_train_end; the rest is a teardown
+
+    def plain():
+        clock[0] += 1.0
+        return "a History, not a number"
+
+    out = common.paired_rounds({"fit": fit, "plain": plain}, 2, warmup=0)
+    assert out["fit"]["samples_s"] == [2.5, 2.5]
+    assert out["fit"]["wall_samples_s"] == [3.0, 3.0]
+    assert out["plain"]["samples_s"] == [1.0, 1.0]
+
+
+def test_paired_ratio_median_quartiles_and_range():
+    out = common.paired_ratio([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 2.0, 2.0, 2.0])
+    assert out["ratios"] == [2.0, 2.0, 3.0, 4.0, 5.0]
+    assert out["median"] == 3.0
+    assert (out["q1"], out["q3"]) == (2.0, 4.0)
+    assert (out["min"], out["max"], out["n"]) == (2.0, 5.0, 5)
+    assert out["ratio_of_medians"] == 3.0
+    one = common.paired_ratio([3.0], [2.0])
+    assert one["median"] == one["q1"] == one["q3"] == 1.5
+
+
+def test_paired_ratio_survives_drift_and_one_sided_stalls():
+    # The machine slows down over the run (+20% a round); B is truly 1.5x slower than A. A's
+    # first two calls stall (+10 s): A's median moves to later, slower rounds than B's, so the
+    # ratio of medians is off by a fifth; each round's ratio cancels the drift, and the median
+    # of the per-round ratios ignores the two disturbed rounds.
+    drift = [1 + 0.2 * r for r in range(6)]
+    a = [f + (10.0 if r < 2 else 0.0) for r, f in enumerate(drift)]
+    b = [1.5 * f for f in drift]
+    out = common.paired_ratio(b, a)
+    assert out["ratio_of_medians"] == pytest.approx(2.25 / 1.9)
+    assert out["median"] == pytest.approx(1.5)
+    assert out["min"] < 0.2 and out["max"] == pytest.approx(1.5)
+
+
+def test_paired_ratio_on_the_stalled_samples_of_a_stored_run():
+    # Throughput "small" (a) and (b), 2026-12-04-run1: a fit took ~2.9 s or, when the tf.data
+    # teardown waited for the autotuner's tick, ~5.15 s. The ratio of medians said 1.72.
+    a = [5.153264, 5.151087, 2.997394, 2.917569, 2.911715]
+    b = [5.171177, 5.202028, 5.166118, 3.093556, 2.928054]
+    out = common.paired_ratio(b, a)
+    assert out["ratio_of_medians"] == pytest.approx(1.7235, abs=1e-4)
+    assert out["median"] == pytest.approx(1.010, abs=1e-3)
+    assert out["max"] == pytest.approx(1.7235, abs=1e-4)  # the one round with only (b) stalled
+
+
+@pytest.mark.parametrize(("alternate", "bias"), [(False, 0.02), (True, 0.0)])
+def test_alternating_order_cancels_a_drift_within_rounds(monkeypatch, alternate, bias):
+    # Every call takes 2% longer per second elapsed; both sides do the same work. In a fixed
+    # order the second side always runs later, hence slower; alternating cancels that.
+    clock = _fake_clock(monkeypatch)
+
+    def side():
+        clock[0] += 1.0 + 0.02 * clock[0]
+
+    out = common.paired_rounds({"a": side, "b": side}, 10, warmup=1, alternate=alternate)
+    ratio = common.paired_ratio(out["b"]["samples_s"], out["a"]["samples_s"])
+    assert ratio["median"] == pytest.approx(1.0 + bias, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("numerator", "denominator", "match"),
+    [([], [], "non-empty"), ([1.0, 2.0], [1.0], "same length"), ([1.0], [0.0], "> 0")],
+)
+def test_paired_ratio_rejects_bad_samples(numerator, denominator, match):
+    with pytest.raises(ValueError, match=match):
+        common.paired_ratio(numerator, denominator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +228,16 @@ def test_runner_writes_json_and_markdown_and_fails_on_error(tmp_path):
         }
     ]
     machine = payload["machine"]
-    for key in ("cpu", "logical_cores", "affinity", "ram_gib", "python", "tensorflow", "gpus"):
+    for key in (
+        "cpu",
+        "logical_cores",
+        "affinity",
+        "ram_gib",
+        "python",
+        "tensorflow",
+        "gpus",
+        "tf_threads",
+    ):
         assert key in machine
     assert machine["wall_s"] >= 0
     markdown = path.with_suffix(".md").read_text()
@@ -123,6 +245,7 @@ def test_runner_writes_json_and_markdown_and_fails_on_error(tmp_path):
     assert "| a | 10.5 |" in markdown
     assert "- ratio: 1.5" in markdown and "samples" not in markdown
     assert "Skipped: no GPU" in markdown
+    assert "- TensorFlow threads: intra_op " in markdown
     assert "ValueError: boom in section" in markdown
     assert not list(tmp_path.glob(".*tmp"))  # the atomic writes left no temporary file
 
