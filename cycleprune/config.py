@@ -77,6 +77,8 @@ class DataConfig:
         rotate: Largest rotation, as a fraction of a full turn.
         zoom: Largest zoom in or out, as a fraction.
         flip: Random horizontal flips. Off by default: chest X-rays are not mirror-symmetric.
+        contrast: Largest contrast change: each image's deviation from its mean is scaled by a
+            factor drawn from ``[1 - contrast, 1 + contrast]`` (0 = off).
         class_weight: ``"balanced"`` (n / (k * n_c)), ``"none"``, or one weight per class index,
             e.g. ``[1.0, 0.33]`` as in the article.
         seed: Seed for the split, the shuffle and the augmentation.
@@ -99,6 +101,7 @@ class DataConfig:
     rotate: float = 0.05
     zoom: float = 0.1
     flip: bool = False
+    contrast: float = 0.0
     class_weight: str | tuple[float, ...] = "balanced"
     seed: int = 42
     class_names: tuple[str, ...] = ()
@@ -134,7 +137,7 @@ class DataConfig:
         _positive(s, "batch_size", self.batch_size)
         _positive(s, "shuffle_buffer", self.shuffle_buffer)
         _check(self.cache_max_mb >= 0, s, "cache_max_mb", self.cache_max_mb, "must be >= 0")
-        for name in ("translate", "rotate", "zoom"):
+        for name in ("translate", "rotate", "zoom", "contrast"):
             value = getattr(self, name)
             _check(0 <= value < 1, s, name, value, "must be in [0, 1)")
         weight = self.class_weight
@@ -697,10 +700,12 @@ def _small() -> Config:
     ``benchmarks/results/ablation.md``: BatchNorm and a quarter width (trains without collapse,
     fast), cross-entropy with label smoothing 0.1 (test AUC 0.972 vs 0.964 with focal loss),
     small layers left dense when pruning (``min_weights``: the 90%-pruned model's validation AUC
-    0.947 -> 0.991) and a longer fine-tuning at a third of the LR bounds.
+    0.947 -> 0.991), a longer fine-tuning at a third of the LR bounds, and a random per-image
+    contrast change of up to 20% in training (dense test accuracy 0.891 -> 0.909 and AUC
+    0.961 -> 0.971 over 3 seeds).
     """
     return Config(
-        data=DataConfig(batch_size=64),
+        data=DataConfig(batch_size=64, contrast=0.2),
         model=ModelConfig(width=0.25, batch_norm=True),
         lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=64),
         schedule=ScheduleConfig(step_size_epochs=2.0),

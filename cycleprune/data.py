@@ -255,7 +255,8 @@ def make_dataset(
     shuffled (seeded, reshuffled every epoch), then batched (the last batch may be smaller), and
     when ``config.augment`` is on, whole batches are augmented with Keras preprocessing layers
     (random translation, rotation, zoom and, with ``config.flip``, horizontal flip; edges filled
-    with the nearest pixel so that no artificial black border appears). The augmentation runs
+    with the nearest pixel so that no artificial black border appears; then, with
+    ``config.contrast``, a random contrast change per image). The augmentation runs
     sequentially over batches so that a seed gives the same augmented stream.
 
     Args:
@@ -387,6 +388,8 @@ def _augmenter(keras: Any, tf: Any, config: DataConfig, shape: tuple[int, int, i
         )
     if config.flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=config.seed + 4))
+    if config.contrast:
+        layers.append(_per_image_contrast(tf, config.contrast, config.seed + 5))
     if not layers:
         return None
     # The layers create their random generators (tf.Variables) on the first call; that must
@@ -402,6 +405,24 @@ def _augmenter(keras: Any, tf: Any, config: DataConfig, shape: tuple[int, int, i
         return tf.clip_by_value(images, 0.0, 255.0)
 
     return augment
+
+
+def _per_image_contrast(tf: Any, factor: float, seed: int):
+    """Scale each image's deviation from its own mean by a factor from ``[1 - f, 1 + f]``.
+
+    ``keras.layers.RandomContrast`` draws one factor per batch; this draws one per image.
+    Called like a Keras layer (``training`` is accepted and ignored).
+    """
+    generator = tf.random.Generator.from_seed(seed)
+
+    def contrast(images, training=True):
+        del training
+        n = tf.shape(images)[0]
+        scale = generator.uniform([n, 1, 1, 1], 1.0 - factor, 1.0 + factor)
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        return (images - mean) * scale + mean
+
+    return contrast
 
 
 def class_weights(info: DatasetInfo, config: DataConfig) -> dict[int, float] | None:

@@ -620,6 +620,38 @@ def test_make_dataset_augmentation(prepared):
     np.testing.assert_array_equal(xe, data.load_arrays(prepared, "test")[0].astype(np.float32))
 
 
+def test_make_dataset_contrast_augmentation(prepared):
+    geometric_off = {"translate": 0.0, "rotate": 0.0, "zoom": 0.0, "cache": False}
+    plain = DataConfig(batch_size=60, augment=False)
+    (x0, y0), _ = _collect(data.make_dataset(prepared, "train", plain, training=True))
+    contrast = DataConfig(batch_size=60, contrast=0.5, **geometric_off)
+    (xc, yc), _ = _collect(data.make_dataset(prepared, "train", contrast, training=True))
+    (xc2, _), _ = _collect(data.make_dataset(prepared, "train", contrast, training=True))
+    np.testing.assert_array_equal(xc, xc2)  # seeded
+    np.testing.assert_array_equal(yc, y0)  # labels untouched
+    assert xc.min() >= 0.0 and xc.max() <= 255.0
+    # One factor per image (Keras' RandomContrast draws one per batch): the images' spreads
+    # around their own means change by different factors within [0.5, 1.5].
+    x0f, xcf = x0.reshape(60, -1), xc.reshape(60, -1)
+    varied = x0f.std(1) > 1.0
+    ratio = xcf.std(1)[varied] / x0f.std(1)[varied]
+    assert ratio.min() < 0.9 and ratio.max() > 1.1
+    assert ratio.min() > 0.5 - 1e-3 and ratio.max() < 1.5 + 1e-3
+    # The mean brightness of an image stays where it was (up to clipping at 0 and 255).
+    unclipped = ((xc > 0) & (xc < 255)).reshape(60, -1).all(1)
+    assert unclipped.sum() >= 10
+    np.testing.assert_allclose(xcf.mean(1)[unclipped], x0f.mean(1)[unclipped], atol=1e-3)
+    # Only the training split is augmented.
+    (xe, _), _ = _collect(data.make_dataset(prepared, "val", contrast, training=False))
+    np.testing.assert_array_equal(xe, data.load_arrays(prepared, "val")[0].astype(np.float32))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_contrast_augmentation_range(value):
+    with pytest.raises(ValueError, match=r"data\.contrast"):
+        DataConfig(contrast=value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Class weights
 
