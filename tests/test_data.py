@@ -620,6 +620,17 @@ def test_make_dataset_augmentation(prepared):
     np.testing.assert_array_equal(xe, data.load_arrays(prepared, "test")[0].astype(np.float32))
 
 
+def test_make_dataset_turns_autotuning_off(prepared):
+    # An autotuned pipeline, dropped after each epoch's fit/evaluate, can hold fit up for
+    # seconds (see data.pipeline_options); every batch pipeline must come without it.
+    for split, training in (("train", True), ("val", False)):
+        ds = data.make_dataset(prepared, split, DataConfig(batch_size=8), training=training)
+        assert ds.options().autotune.enabled is False
+    records = data.cached_records(prepared, "train", DataConfig())
+    ds = data.make_dataset(prepared, "train", DataConfig(), training=True, records=records)
+    assert ds.options().autotune.enabled is False
+
+
 def test_make_dataset_contrast_augmentation(prepared):
     geometric_off = {"translate": 0.0, "rotate": 0.0, "zoom": 0.0, "cache": False}
     plain = DataConfig(batch_size=60, augment=False)
