@@ -45,7 +45,11 @@ Method:
   iterator was made), so a fit of 1.9 s or 2.4 s sometimes returned at 2.58 s or 5.15 s: about
   half the calls of the 2026-12-04 runs, at random, which made the medians and their ratios
   jump between runs. The wall time of each call is still recorded (``wall_samples_s``) and the
-  difference reported per side as ``teardown_*``.
+  difference reported per side as ``teardown_*``. Since then the library's pipelines run with
+  autotuning off (:func:`cycleprune.data.pipeline_options`), so (a) and (c), which use them,
+  no longer wait; (b)'s numpy feed, built by Keras, still does (up to 2 s per call). The article
+  pays that once per training (one ``fit`` for all epochs), the library would pay it once per
+  epoch, which is why its pipelines turn autotuning off.
 - **Paired rounds.** After one untimed warm-up fit per model (tracing) and, in full mode, one
   untimed round, the sides run in :data:`FULL_ROUNDS` rounds (``ctx.repeats`` in quick mode),
   each side once per round, in the order b a c (extras) and reversed every other round

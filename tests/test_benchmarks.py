@@ -145,8 +145,9 @@ def test_paired_ratio_survives_drift_and_one_sided_stalls():
 
 
 def test_paired_ratio_on_the_stalled_samples_of_a_stored_run():
-    # Throughput "small" (a) and (b), 2026-12-04-run1: a fit took ~2.9 s or, when the tf.data
-    # teardown waited for the autotuner's tick, ~5.15 s. The ratio of medians said 1.72.
+    # Throughput "small" (a) and (b) of benchmarks/results/2026-12-04-run1.json (in git at
+    # c995046): a fit took ~2.9 s or, when the tf.data teardown waited for the autotuner's tick,
+    # ~5.15 s. The ratio of medians said 1.72.
     a = [5.153264, 5.151087, 2.997394, 2.917569, 2.911715]
     b = [5.171177, 5.202028, 5.166118, 3.093556, 2.928054]
     out = common.paired_ratio(b, a)
