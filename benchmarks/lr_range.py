@@ -187,11 +187,8 @@ def run(ctx: Context) -> dict[str, Any]:
     # Steady-state seconds of a training epoch: every epoch but each run's first (tracing).
     steady = [s for side in runs.values() for r in side for s in r.get("epoch_seconds", [])[1:]]
     epoch_seconds = statistics.median(steady) if steady else None
-    steps = (
-        statistics.median(s["steps"] for s in found_all)
-        if found_all
-        else config.lr_finder.num_steps
-    )
+    # The most steps any seed's sweep took (a sweep that diverges stops early).
+    steps = max((s["steps"] for s in found_all), default=config.lr_finder.num_steps)
     cost = sweep_cost(steps, steps_per_epoch)
     article_seconds = ARTICLE_SWEEP_EPOCHS * epoch_seconds if epoch_seconds else None
     cost.update(
@@ -201,11 +198,14 @@ def run(ctx: Context) -> dict[str, Any]:
         seconds_in_epochs=finder_seconds / epoch_seconds if epoch_seconds else None,
     )
 
+    # Means over the seeds that trained both sides (a seed whose sweep gave no suggestion is
+    # named in the cost note, and trained the article's bounds only).
     metrics = ("val_accuracy", "val_auc")
-    means = {name: {k: _mean(r, k) for k in metrics} for name, r in runs.items()}
+    paired = {r["seed"] for r in runs["suggested"]}
+    compared = {name: [r for r in side if r["seed"] in paired] for name, side in runs.items()}
+    means = {name: {k: _mean(r, k) for k in metrics} for name, r in compared.items()}
     diff_acc = diff_auc = None
-    complete = len(runs["suggested"]) == len(runs["article"])
-    if complete and None not in (*means["suggested"].values(), *means["article"].values()):
+    if paired and None not in (*means["suggested"].values(), *means["article"].values()):
         diff_acc = 100 * (means["suggested"]["val_accuracy"] - means["article"]["val_accuracy"])
         diff_auc = 100 * (means["suggested"]["val_auc"] - means["article"]["val_auc"])
 
@@ -213,7 +213,7 @@ def run(ctx: Context) -> dict[str, Any]:
         return "" if value is None else format(value, spec)
 
     suggested = means.get("suggested", {"val_accuracy": None, "val_auc": None})
-    label = f"{config.train.epochs}-epoch CLR, mean of {len(seeds)} seed(s)"
+    label = f"{config.train.epochs}-epoch CLR, mean of {len(paired)} seed(s)"
     rows = [
         ["cost (optimizer steps)", cost["steps"], cost["article_steps"]],
         ["cost (epochs)", fmt(cost["epochs"], ".2f"), ARTICLE_SWEEP_EPOCHS],
@@ -247,7 +247,7 @@ def run(ctx: Context) -> dict[str, Any]:
     acc_note = "validation accuracy in points (100 x), suggested minus article bounds"
     if diff_auc is not None:
         acc_note += f"; AUC difference {diff_auc:+.2f} points"
-    acc_note += f"; {len(seeds)} seed(s), {label.split(',')[0]}"
+    acc_note += f"; {len(paired)} of {len(seeds)} seed(s), {label.split(',')[0]}"
     diverged = [f"{n}/{r['seed']}" for n, side in runs.items() for r in side if "diverged" in r]
     if diverged:
         acc_note += f"; diverged: {', '.join(diverged)}"

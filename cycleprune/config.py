@@ -724,7 +724,7 @@ def _small() -> Config:
 
 
 def _best() -> Config:
-    """The quality preset: ``small`` trained three times longer (about 8 minutes, 2 CPU cores)."""
+    """The quality preset: ``small`` trained three times longer (about 7 minutes, 2 CPU cores)."""
     small = _small()
     return small.replace(
         train=dataclasses.replace(small.train, epochs=24),

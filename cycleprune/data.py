@@ -350,7 +350,7 @@ def pipeline_options(tf: Any) -> Any:
     an autotuned pipeline is dropped, TensorFlow waits for its autotuning thread's next wake-up,
     and those come at doubling intervals (about 0.3, 0.6, 1.3, 2.6, 5.1 s... after the start),
     so ``fit`` returned up to 4.8 s after its last step, at random: on the ``small`` preset,
-    8 epochs took 48-50 s with autotuning and 44 s without, with no slower steps. Without the
+    8 epochs took 48-50 s with autotuning and 42-44 s without, with no slower steps. Without the
     autotuner, ``AUTOTUNE`` parallel maps run ``min(16, CPU threads)`` calls at once, and the
     prefetch buffer holds :data:`PREFETCH_BATCHES` batches.
     """
@@ -391,7 +391,9 @@ def _augmenter(keras: Any, tf: Any, config: DataConfig, shape: tuple[int, int, i
     if not config.augment:
         return None
     layers = []
-    common = {"fill_mode": "nearest", "interpolation": "bilinear"}
+    # float32 whatever the global policy: under mixed_float16 (training on a GPU, see
+    # cycleprune.precision) the layers would otherwise hand float16 images to the pipeline.
+    common = {"fill_mode": "nearest", "interpolation": "bilinear", "dtype": "float32"}
     if config.translate:
         layers.append(
             keras.layers.RandomTranslation(
@@ -405,7 +407,7 @@ def _augmenter(keras: Any, tf: Any, config: DataConfig, shape: tuple[int, int, i
             keras.layers.RandomZoom(config.zoom, config.zoom, seed=config.seed + 3, **common)
         )
     if config.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=config.seed + 4))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=config.seed + 4, dtype="float32"))
     if config.contrast:
         layers.append(_per_image_contrast(tf, config.contrast, config.seed + 5))
     if not layers:
@@ -436,7 +438,7 @@ def _per_image_contrast(tf: Any, factor: float, seed: int):
     def contrast(images, training=True):
         del training
         n = tf.shape(images)[0]
-        scale = generator.uniform([n, 1, 1, 1], 1.0 - factor, 1.0 + factor)
+        scale = tf.cast(generator.uniform([n, 1, 1, 1], 1.0 - factor, 1.0 + factor), images.dtype)
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
         return (images - mean) * scale + mean
 

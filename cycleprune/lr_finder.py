@@ -236,11 +236,15 @@ def suggest_bounds(lrs, smoothed, *, skip_start: int | None = None) -> tuple[flo
        loss stays low and turns up only once the raw loss rises, so the floor marks the onset of
        divergence; everything after it is cut off.
     3. ``max_lr = lr[i_min] / 3``: half a decade below the divergence onset, for the loss is
-       already unstable near the floor. Measured on the bundled data (``small`` preset, 4 seeds,
-       each sweeping and then training 4 epochs of CLR with its own suggestion): a margin of 3
-       matched the article's hand-picked bounds (validation accuracy 0.933 vs 0.933, AUC 0.992
-       vs 0.993); fastai's margin of 10 lost 0.7 points of AUC (0.986), and no margin (the
-       floor itself) cost 11 points of accuracy.
+       already unstable near the floor. Measured on the bundled data (``small`` preset before it
+       gained contrast augmentation, 4 seeds, each sweeping and then training 4 epochs of CLR
+       with its own suggestion): a margin of 3 matched the article's hand-picked bounds
+       (validation accuracy 0.933 vs 0.933, AUC 0.992 vs 0.993); fastai's margin of 10 lost
+       0.7 points of AUC (0.986), and no margin (the floor itself) cost 15 points of accuracy.
+       With the full ``small`` and ``best`` runs it lifted the dense model's test accuracy and
+       AUC (``benchmarks/results/ablation.md``). In ``make bench`` on the current ``small``
+       preset, one seed's sweep put the floor at 0.9 (``max_lr`` 0.3), and that short run's
+       accuracy at the 0.5 cut-off fell to 0.64 at an AUC of 0.992.
     4. The *valley* is the final descent into the floor: from the highest point ``i_top`` before
        the floor, of depth ``D = s[i_top] - s[i_min]``. It starts where the curve last stands
        at ``s[i_top] - 0.2 D`` before the floor: a fifth of the way down, beyond the noise of
@@ -251,9 +255,9 @@ def suggest_bounds(lrs, smoothed, *, skip_start: int | None = None) -> tuple[flo
        maximum works), so ``min_lr = min(min_lr, max_lr / 4)``; hence ``min_lr < max_lr``.
 
     On the bundled PneumoniaMNIST with the ``small`` preset (width 0.25, BatchNorm, batch 64,
-    cross-entropy with label smoothing 0.1, 64 steps from 1e-5 to 10, less than one epoch) it
-    suggests between 3.1e-4..0.052 and 1.3e-3..0.15 over seeds 1-4, around the article's
-    hand-picked 1e-3..1e-1.
+    cross-entropy with label smoothing 0.1, contrast augmentation, 64 steps from 1e-5 to 10,
+    less than one epoch) it suggested 1.3e-4..0.30, 5.6e-4..0.10 and 1.0e-3..0.12 (twice) over
+    seeds 1-4, around the article's hand-picked 1e-3..1e-1.
 
     Args:
         lrs: Increasing learning rates of the sweep (> 0).

@@ -652,9 +652,27 @@ def test_make_dataset_contrast_augmentation(prepared):
     unclipped = ((xc > 0) & (xc < 255)).reshape(60, -1).all(1)
     assert unclipped.sum() >= 10
     np.testing.assert_allclose(xcf.mean(1)[unclipped], x0f.mean(1)[unclipped], atol=1e-3)
+    # Another seed (every epoch has its own) draws other factors.
+    reseeded = DataConfig(batch_size=60, contrast=0.5, seed=7, **geometric_off)
+    (xs, _), _ = _collect(data.make_dataset(prepared, "train", reseeded, training=True))
+    # (the same per-image factors would give the same spreads, in another order)
+    assert not np.allclose(np.sort(xs.reshape(60, -1).std(1)), np.sort(xcf.std(1)))
     # Only the training split is augmented.
     (xe, _), _ = _collect(data.make_dataset(prepared, "val", contrast, training=False))
     np.testing.assert_array_equal(xe, data.load_arrays(prepared, "val")[0].astype(np.float32))
+
+
+def test_augmentation_is_float32_under_mixed_precision(prepared):
+    # Training builds each epoch's pipeline inside the mixed_float16 policy scope on a GPU; the
+    # augmentation must neither fail (float16 layers times float32 factors) nor change.
+    from cycleprune import precision
+
+    config = DataConfig(batch_size=60, contrast=0.2, flip=True, cache=False)
+    (x32, _), _ = _collect(data.make_dataset(prepared, "train", config, training=True))
+    with precision.policy_scope("mixed_float16"):
+        (x16, _), _ = _collect(data.make_dataset(prepared, "train", config, training=True))
+    assert x16.dtype == np.float32
+    np.testing.assert_array_equal(x16, x32)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])
