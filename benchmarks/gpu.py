@@ -22,7 +22,6 @@ images, to check the code without a GPU (numbers meaningless).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -127,18 +126,6 @@ def run(ctx: Context) -> dict[str, Any]:
     return measure(ctx, device_name=name, side=IMAGE_SIDE, images=EPOCH_IMAGES, width=1.0)
 
 
-@contextlib.contextmanager
-def _policy(name: str) -> Iterator[None]:
-    from cycleprune.compat import keras
-
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
 def measure(
     ctx: Context,
     *,
@@ -151,7 +138,7 @@ def measure(
 ) -> dict[str, Any]:
     """Time (a), (b) and (a) at a large batch, one epoch of ``images`` per call; see the module."""
     from benchmarks.throughput import Setup
-    from cycleprune import data, models
+    from cycleprune import data, models, precision
     from cycleprune.config import DataConfig, preset
 
     prepared = ctx.work_dir / f"prepared-{side}"
@@ -176,7 +163,7 @@ def measure(
             ctx, prepared, cfg, steps=steps, epoch_steps=steps, images=n_train, label=label
         )
 
-    with _policy("mixed_float16"):
+    with precision.policy_scope(precision.MIXED):
         counted = models.build_model(config.model, info.image_shape, info.num_classes)
         flops = training_flops(counted)
         del counted
