@@ -6,7 +6,7 @@ dense and every pruned model -> evaluation -> selection of the deployed model. O
 reads the test split; thresholds and the selection use validation only.
 
     python -m benchmarks.quality --preset small --seeds 1 2 3
-    python -m benchmarks.quality --preset best --seeds 1 --set train.epochs=20
+    python -m benchmarks.quality --preset small --seeds 1 --set train.epochs=48
     python -m benchmarks.quality --preset small --dense-only --set model.input_size=56
 
 Writes ``benchmarks/results/quality-<preset>-<date>.json`` (``--out`` to change): per seed the

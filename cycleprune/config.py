@@ -4,8 +4,9 @@ A :class:`Config` is a frozen tree of one dataclass per stage. It round-trips th
 JSON and YAML, and overrides come as dotted ``key=value`` strings (``train.epochs=3``). Presets:
 
 - ``smoke``: a few seconds per stage, for tests;
-- ``small``: the CPU default, minutes for the whole pipeline;
-- ``best``: ``small`` trained three times longer, for the quality targets;
+- ``small``: the CPU default and the quality preset, minutes for the whole pipeline;
+- ``best``: the same as ``small`` (it was ``small`` trained three times longer, which ``small``
+  now is; kept so that configs and schedules naming it keep running);
 - ``seed``: the original article's hyperparameters exactly (full-width VGG, batch 32, CLR
   1e-3..1e-1 with step = 4 epochs, 32 epochs, focal loss, class weights {0: 1.0, 1: 0.33},
   pruning 0 -> 50% over 8 epochs every 100 steps).
@@ -694,41 +695,34 @@ def _smoke() -> Config:
 
 
 def _small() -> Config:
-    """The default run: about 5 minutes on 2 CPU cores.
+    """The default run, and the best this project measured: about 6 minutes on 2 CPU cores.
 
     Each departure from the article's settings is backed by the ablation in
     ``benchmarks/results/ablation.md``: BatchNorm and a quarter width (trains without collapse,
     fast), cross-entropy with label smoothing 0.1 (test AUC 0.972 vs 0.964 with focal loss),
     small layers left dense when pruning (``min_weights``: the 90%-pruned model's validation AUC
-    0.947 -> 0.991), a longer fine-tuning at a third of the LR bounds, and a random per-image
+    0.947 -> 0.991), a longer fine-tuning at a third of the LR bounds, a random per-image
     contrast change of up to 20% in training (the deployed model's test accuracy 0.896 -> 0.906
-    over 3 seeds, at equal AUC; the 90%-pruned model selected in every seed).
+    over 3 seeds, at equal AUC; the 90%-pruned model selected in every seed), and 24 training
+    epochs with 12 of pruning (the deployed model's test accuracy 0.906 -> 0.924 over 3 seeds
+    against 8 + 8; 48 epochs gained nothing more).
     """
     return Config(
         data=DataConfig(batch_size=64, contrast=0.2),
         model=ModelConfig(width=0.25, batch_norm=True),
         lr_finder=LRFinderConfig(start_lr=1e-5, end_lr=10.0, num_steps=64),
         schedule=ScheduleConfig(step_size_epochs=2.0),
-        train=TrainConfig(epochs=8, loss="crossentropy", label_smoothing=0.1),
+        train=TrainConfig(epochs=24, loss="crossentropy", label_smoothing=0.1),
         prune=PruneConfig(
             sparsities=(0.5, 0.75, 0.9),
             begin_epoch=0,
-            end_epoch=6,
-            epochs=8,
+            end_epoch=9,
+            epochs=12,
             frequency=20,
             min_weights=5000,
             lr_scale=0.3,
         ),
         evaluate=EvaluateConfig(latency_runs=50),
-    )
-
-
-def _best() -> Config:
-    """The quality preset: ``small`` trained three times longer (about 7 minutes, 2 CPU cores)."""
-    small = _small()
-    return small.replace(
-        train=dataclasses.replace(small.train, epochs=24),
-        prune=dataclasses.replace(small.prune, end_epoch=9, epochs=12),
     )
 
 
@@ -753,7 +747,8 @@ def _seed() -> Config:
     )
 
 
-PRESETS = {"smoke": _smoke, "small": _small, "best": _best, "seed": _seed}
+# "best" (small trained 24 instead of 8 epochs) became the default; the name stays an alias.
+PRESETS = {"smoke": _smoke, "small": _small, "best": _small, "seed": _seed}
 
 
 def preset(name: str) -> Config:

@@ -241,10 +241,12 @@ def suggest_bounds(lrs, smoothed, *, skip_start: int | None = None) -> tuple[flo
        with its own suggestion): a margin of 3 matched the article's hand-picked bounds
        (validation accuracy 0.933 vs 0.933, AUC 0.992 vs 0.993); fastai's margin of 10 lost
        0.7 points of AUC (0.986), and no margin (the floor itself) cost 15 points of accuracy.
-       With the full ``small`` and ``best`` runs it lifted the dense model's test accuracy and
-       AUC (``benchmarks/results/ablation.md``). In ``make bench`` on the current ``small``
-       preset, one seed's sweep put the floor at 0.9 (``max_lr`` 0.3), and that short run's
-       accuracy at the 0.5 cut-off fell to 0.64 at an AUC of 0.992.
+       With the full ``small`` runs (8 epochs) it lifted the dense model's test accuracy and
+       AUC (``benchmarks/results/ablation.md``, L0 against M). Over 8 seeds of that short run
+       (R), accuracy at the 0.5 cut-off swings by 10-30 points between nearly equal bounds
+       (one seed's floor at 0.9 gave ``max_lr`` 0.3 and accuracy 0.64 at an AUC of 0.992); the
+       cautious Smith floor (a zero-lag smoothed minimum, ``max_lr`` 0.014-0.10) scored best
+       there, but the equally cautious margin of 10 lost in the full runs.
     4. The *valley* is the final descent into the floor: from the highest point ``i_top`` before
        the floor, of depth ``D = s[i_top] - s[i_min]``. It starts where the curve last stands
        at ``s[i_top] - 0.2 D`` before the floor: a fifth of the way down, beyond the noise of

@@ -113,6 +113,14 @@ def test_configs_are_frozen():
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
+def test_best_is_an_alias_of_small():
+    # "best" (24 training epochs) became the default; configs and schedules naming it still run,
+    # with the very same settings.
+    assert C.preset("best") == C.preset("small")
+    assert C.preset("small").train.epochs == 24
+    assert C.load_config("best", overrides=["train.epochs=3"]).train.epochs == 3
+
+
 def test_epochs_to_steps():
     assert C.epochs_to_steps(4, 74) == 296
     assert C.epochs_to_steps(0.5, 3) == 2
@@ -120,11 +128,10 @@ def test_epochs_to_steps():
         C.epochs_to_steps(1, 0)
 
 
-@pytest.mark.parametrize("name", ["small", "best"])
-def test_lr_range_test_of_the_quality_presets_costs_at_most_one_epoch(name, bundled_npz):
+def test_lr_range_test_of_the_default_preset_costs_at_most_one_epoch(bundled_npz):
     import numpy as np
 
-    cfg = C.preset(name)
+    cfg = C.preset("small")
     with np.load(bundled_npz) as archive:
         train_images = len(archive["train_labels"])
     steps_per_epoch = -(-train_images // cfg.data.batch_size)

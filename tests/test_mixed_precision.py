@@ -39,7 +39,7 @@ def _float32_around_each_test():
 def _config(epochs: int, precision_name: str = "mixed_float16"):
     config = preset("smoke")
     return config.replace(
-        # with every augmentation of the small and best presets (contrast included), which the
+        # with every augmentation of the small preset (contrast included), which the
         # training builds inside the mixed-precision policy scope
         data=dataclasses.replace(config.data, contrast=0.2),
         train=dataclasses.replace(
