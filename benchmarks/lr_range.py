@@ -9,8 +9,8 @@ epoch). Then, for each of 8 seeds, it sweeps (the seed sets the initial weights 
 order, so the suggestion differs per seed, as it does in the pipeline), trains a short CLR run
 (one cycle: 4 epochs with ``step_size_epochs=2``) with that seed's suggested bounds, and the same
 run with the article's hand-picked 1e-3..1e-1, and compares the mean validation accuracy and AUC.
-Eight seeds, because one 4-epoch run's validation accuracy at the 0.5 cut-off moves by up to 30
-points between seeds, and between nearly equal bounds (``benchmarks/results/ablation.md``, R).
+Eight seeds, because one 4-epoch run's validation accuracy at the 0.5 cut-off moves by 32 points
+between seeds, and by up to 44 between nearly equal bounds (``benchmarks/results/ablation.md``, R).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def suggest_bounds(lrs, smoothed, *, skip_start: int | None = None) -> tuple[flo
        0.7 points of AUC (0.986), and no margin (the floor itself) cost 15 points of accuracy.
        With the full ``small`` runs (8 epochs) it lifted the dense model's test accuracy and
        AUC (``benchmarks/results/ablation.md``, L0 against M). Over 8 seeds of that short run
-       (R), accuracy at the 0.5 cut-off swings by 10-30 points between nearly equal bounds
+       (R), accuracy at the 0.5 cut-off swings by up to 44 points between nearly equal bounds
        (one seed's floor at 0.9 gave ``max_lr`` 0.3 and accuracy 0.64 at an AUC of 0.992); the
        cautious Smith floor (a zero-lag smoothed minimum, ``max_lr`` 0.014-0.10) scored best
        there, but the equally cautious margin of 10 lost in the full runs.
