@@ -25,8 +25,14 @@ pipeline of (a) and (c), ``class_weight=`` for (b)), gets float32 images 0..255 
 labels, and builds its own model from the same seed (same initial weights).
 
 Augmentation is off on every side (the article's numpy feed has none to compare with); the
-library's augmented pipeline is timed as an extra (``a_augment``), and (a) with
-``jit_compile=True`` (XLA) as another (``a_jit``), both on the ``small`` preset only.
+library's augmented pipeline is timed as an extra (``a_augment``), (a) with
+``jit_compile=True`` (XLA) as another (``a_jit``), and (a) with one step per call of the train
+function (``a_spe1``), all on the ``small`` preset only.
+
+Steps per call: (a) and (c) run the preset's ``train.steps_per_execution`` steps per call of
+Keras' compiled train function (a loop in the graph, no Python between the steps; the in-graph
+schedule still moves every step), as the library trains. (b) cannot: its callback must run
+after every batch, which is one call per step. ``a/a_spe1`` is what the loop gains.
 
 Models: the ``small`` preset (width 0.25, BatchNorm, batch 64, 28 x 28; one epoch of the 4,708
 training images per timed call) and the article's full-width VGG (preset ``seed``: width 1.0,
@@ -98,12 +104,13 @@ DESCRIPTIONS = {
     "c": "plain model.fit, constant LR, same tf.data",
     "a_jit": "(a) with jit_compile=True (XLA)",
     "a_augment": "(a) with the library's augmentation on",
+    "a_spe1": "(a) with Python between every step (steps_per_execution=1)",
 }
 
 
 def run(ctx: Context) -> dict[str, Any]:
     prepared = common.prepared_dataset(ctx)
-    extras = ("a_jit",) if ctx.quick else ("a_jit", "a_augment")
+    extras = ("a_spe1", "a_jit") if ctx.quick else ("a_spe1", "a_jit", "a_augment")
     small = _compare(ctx, prepared, "small", steps=3 if ctx.quick else None, extras=extras)
     full = _compare(ctx, prepared, "seed", steps=2 if ctx.quick else FULL_WIDTH_STEPS, extras=())
     return assemble({"small": small, "full_width": full})
@@ -166,6 +173,7 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "a_over_b_full_width": full["ratios"]["a/b"],
             "a_over_c_full_width": full["ratios"]["a/c"],
             "jit_over_a_small": small["ratios"]["a_jit/a"],
+            "a_over_spe1_small": small["ratios"]["a/a_spe1"],
             "augment_over_a_small": small["ratios"]["a_augment/a"],
             "rounds": small["rounds"],
             "epoch_startup_s_small": small["epoch_startup"]["median_s"],
@@ -245,6 +253,8 @@ def _compare(
         "b": setup.article(),
         "c": setup.plain(),
     }
+    if "a_spe1" in extras:
+        built["a_spe1"] = setup.library(steps_per_execution=1)
     if "a_jit" in extras:
         built["a_jit"] = setup.library(jit=True)
     if "a_augment" in extras:
@@ -306,6 +316,7 @@ def compare_timings(
     paired = {
         "a/b": faster("a", "b"),
         "a/c": faster("a", "c"),
+        "a/a_spe1": faster("a", "a_spe1"),
         "a_jit/a": faster("a_jit", "a"),
         "a_augment/a": faster("a_augment", "a"),
     }
@@ -418,8 +429,13 @@ class Setup:
 
         return timed
 
-    def library(self, *, jit: bool = False, augment: bool = False) -> Callable[[], Any]:
+    def library(
+        self, *, jit: bool = False, augment: bool = False, steps_per_execution: int | None = None
+    ) -> Callable[[], Any]:
         from cycleprune import losses, schedules, training
+
+        if steps_per_execution is None:
+            steps_per_execution = self.config.train.steps_per_execution
 
         model = self._model()
         optimizer = schedules.make_optimizer(
@@ -430,7 +446,7 @@ class Setup:
             steps_per_epoch=self.epoch_steps,
         )
         batches = self._batches(augment)
-        name = f"a{'-jit' if jit else ''}{'-augment' if augment else ''}"
+        name = f"a{'-jit' if jit else ''}{'-augment' if augment else ''}-{steps_per_execution}"
         training.fit(
             model,
             batches,
@@ -442,6 +458,7 @@ class Setup:
             checkpoint_dir=self.ctx.work_dir / self.label / name,
             metrics=self._metrics(),
             handle_sigterm=False,
+            steps_per_execution=steps_per_execution,
         )
         epochs = itertools.count(1)
         fit = self._timed(
@@ -504,6 +521,7 @@ class Setup:
             loss=losses.make_loss(self.config.train),
             metrics=self._metrics(),
             jit_compile=jit,
+            steps_per_execution=self.config.train.steps_per_execution,
         )
         batches = self._batches()
         epochs = itertools.count()

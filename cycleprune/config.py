@@ -300,6 +300,11 @@ class TrainConfig:
             ``auto`` is ``mixed_float16`` when every visible GPU has compute capability >= 7.0,
             else ``float32``. Saved models are float32 either way; pruning fine-tunes in
             float32 (see :mod:`cycleprune.precision`).
+        steps_per_execution: Optimizer steps per call of the compiled train function: the steps
+            of a call run in one graph loop with no Python between them (see
+            :func:`cycleprune.training.fit`). The LR schedule stays per step. A SIGTERM stops
+            training after the call in progress. Pruning always runs 1 (tfmot's per-step
+            callback).
     """
 
     epochs: int = 8
@@ -313,10 +318,12 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     precision: str = "auto"
+    steps_per_execution: int = 16
 
     def __post_init__(self) -> None:
         s = "train"
         _positive(s, "epochs", self.epochs)
+        _positive(s, "steps_per_execution", self.steps_per_execution)
         _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
         _check(0 <= self.momentum < 1, s, "momentum", self.momentum, "must be in [0, 1)")
         _choice(s, "loss", self.loss, LOSSES)

@@ -391,6 +391,7 @@ def fit(
     max_to_keep: int | None = None,
     handle_sigterm: bool = True,
     on_checkpoint: Callable[[], None] | None = None,
+    steps_per_execution: int = 1,
 ) -> FitResult:
     """Compile and train ``model`` with checkpoints, exact resume, SIGTERM and divergence checks.
 
@@ -447,6 +448,13 @@ def fit(
         on_checkpoint: Called after every checkpoint written (each epoch's, and the SIGTERM one
             before PreemptedError is raised), e.g. to publish ``checkpoint_dir`` (see
             :func:`cycleprune.mirror.mirrored_dir`).
+        steps_per_execution: Optimizer steps per call of the compiled train function (Keras'
+            ``compile(steps_per_execution=...)``): the steps run in one graph loop, with no
+            Python between them. The LR schedule, the finite-loss check and the metrics stay
+            per step (they are in the graph); per-batch callback hooks run once per call, and
+            a SIGTERM stops training after the call in progress (at most this many steps).
+            Keep 1 with callbacks that must run every step, such as tfmot's
+            ``UpdatePruningStep``.
 
     Returns:
         A :class:`FitResult`.
@@ -457,7 +465,11 @@ def fit(
         ValueError: bad ``epochs``/``steps_per_epoch``, a dataset whose cardinality disagrees
             with ``steps_per_epoch``, or a checkpoint that does not match the model.
     """
-    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+    for name, value in (
+        ("epochs", epochs),
+        ("steps_per_epoch", steps_per_epoch),
+        ("steps_per_execution", steps_per_execution),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Argument `{name}` must be an int >= 1. Received: {name}={value!r}")
 
@@ -487,6 +499,7 @@ def fit(
             optimizer=optimizer,
             loss=FiniteLoss(loss),
             metrics=list(metrics) if metrics is not None else default_metrics(2),
+            steps_per_execution=steps_per_execution,
         )
         optimizer = model.optimizer  # compile wraps a plain optimizer for a mixed_float16 model
         # Create the slot variables now so that a restore fills them instead of deferring.
@@ -770,6 +783,7 @@ def _run_training(
             metrics=metrics,
             max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
             on_checkpoint=on_checkpoint,
+            steps_per_execution=config.train.steps_per_execution,
         )
 
     lrs = schedules.clr(

@@ -245,12 +245,14 @@ def test_throughput_ratios_are_paired_per_round():
             "b": ([1.1 * v for v in a],),
             "c": ([1.1, 9.0, 1.65, 1.32],),
             "a_jit": ([0.5 * v for v in a],),
+            "a_spe1": ([1.05 * v for v in a],),
         }
     )
     assert result["ratios"]["a/b"] == pytest.approx(1.1)
     assert result["ratios"]["a/c"] == pytest.approx(1.1)  # the median ignores round 1's 4.5
     assert result["paired"]["a/c"]["max"] == pytest.approx(4.5)
     assert result["ratios"]["a_jit/a"] == pytest.approx(2.0)
+    assert result["ratios"]["a/a_spe1"] == pytest.approx(1.05)
     assert result["paired"]["a_augment/a"] is None and result["ratios"]["a_augment/a"] is None
     sides = result["sides"]
     assert sides["a"]["images_per_s"] == pytest.approx(320 / 1.35)
@@ -273,7 +275,7 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "_compare", fake_compare)
     out = throughput.run(Context(quick=True, work_dir=tmp_path, repeats=2))
 
-    assert seen == [("small", 3, ("a_jit",)), ("seed", 2, ())]
+    assert seen == [("small", 3, ("a_spe1", "a_jit")), ("seed", 2, ())]
     targets = {t["name"]: t for t in out["targets"]}
     assert set(targets) == {
         f"throughput {pair} ({model})"
@@ -290,7 +292,8 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     assert results["a_over_b_small"] == pytest.approx(1.04)
     assert results["jit_over_a_small"] == pytest.approx(1 / 1.5)
     assert results["augment_over_a_small"] is None
-    assert len(results["table"]["rows"]) == 4 + 3  # small: a b c a_jit; full width: a b c
+    assert results["a_over_spe1_small"] == pytest.approx(1.5)  # (a) runs 1.0 s, a_spe1 1.5 s
+    assert len(results["table"]["rows"]) == 5 + 3  # small: a b c a_spe1 a_jit; full width: a b c
     ratio_rows = next(iter(results["tables"].values()))["rows"]
     assert ["small", "a/b", 1.04, "1.0300 - 1.0500", "1.0200 - 1.0600", 2, 1.04] in ratio_rows
     json.dumps(out)  # JSON-serialisable as is

@@ -21,6 +21,7 @@ STEPS = 8  # ceil(240 tiny training images / batch 32)
 
 def _config(epochs: int, **train):
     config = preset("smoke")
+    train.setdefault("steps_per_execution", 1)  # the reference: Python between every step
     # A half cycle of 1.5 epochs: a restarted step counter would give a different LR.
     return config.replace(
         train=dataclasses.replace(config.train, epochs=epochs, whole_cycles=False, **train),
@@ -286,8 +287,9 @@ def test_each_epoch_has_its_own_data_order_whatever_ran_before(tiny_dataset):
     assert labels(0) != later and labels(2) == later  # no hidden state carried between calls
 
 
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
 def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
-    two_epochs, tiny_dataset, tmp_path, monkeypatch
+    two_epochs, tiny_dataset, tmp_path, monkeypatch, steps_per_execution
 ):
     import os
     import signal
@@ -300,6 +302,10 @@ def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
                 os.kill(os.getpid(), signal.SIGTERM)
 
     reference_out, config, reference = two_epochs
+    # With 3 steps per call, step STEPS + 3 ends a call: the signal stops training there too.
+    config = config.replace(
+        train=dataclasses.replace(config.train, steps_per_execution=steps_per_execution)
+    )
     with monkeypatch.context() as patch:
         patch.setattr(training, "_StopIfRequested", SigtermAtStep)
         with pytest.raises(preemption.PreemptedError) as caught:
@@ -323,6 +329,57 @@ def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
     theirs = models.load_model(reference_out / "model.keras").get_weights()
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_per_execution_loops_in_the_graph_to_the_same_result(
+    two_epochs, tiny_dataset, tmp_path, monkeypatch
+):
+    from cycleprune import models, training
+
+    reference_out, config, reference = two_epochs
+    ends: list[int] = []
+
+    class CountCalls(training._StopIfRequested):  # runs once per call of the train function
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(int(self.model.optimizer.iterations.numpy()))
+
+    looped = config.replace(train=dataclasses.replace(config.train, steps_per_execution=3))
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_StopIfRequested", CountCalls)
+        result = training.run_training(tiny_dataset, tmp_path, looped, min_lr=MIN_LR, max_lr=MAX_LR)
+    # 8 steps per epoch in calls of 3, 3 and the remaining 2; no step lost or added.
+    assert ends == [3, 6, 8, 11, 14, 16]
+    assert result.global_step == reference.global_step == 2 * STEPS
+    assert result.history["lr"] == reference.history["lr"]  # the schedule still moves per step
+    for got, want in zip(result.history["epochs"], reference.history["epochs"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    ours = models.load_model(result.model_path).get_weights()
+    theirs = models.load_model(reference_out / "model.keras").get_weights()
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_rejects_a_bad_steps_per_execution(tmp_path):
+    from cycleprune import training
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((4, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 2])
+    ).batch(2)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    with pytest.raises(ValueError, match="steps_per_execution=0"):
+        training.fit(
+            model,
+            ds,
+            None,
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.CategoricalCrossentropy(),
+            epochs=1,
+            steps_per_epoch=2,
+            checkpoint_dir=tmp_path,
+            steps_per_execution=0,
+        )
+    with pytest.raises(ValueError, match=r"train\.steps_per_execution"):
+        TrainConfig(steps_per_execution=0)
 
 
 def test_half_written_and_damaged_checkpoints_are_never_restored(
