@@ -304,7 +304,8 @@ class TrainConfig:
             of a call run in one graph loop with no Python between them (see
             :func:`cycleprune.training.fit`). The LR schedule stays per step. A SIGTERM stops
             training after the call in progress. Pruning always runs 1 (tfmot's per-step
-            callback).
+            callback). 16 trains ``small`` 3.4% faster than 1 on 2 CPU cores
+            (``benchmarks/results/2026-12-05.md``, ``a/a_spe1``).
     """
 
     epochs: int = 8
