@@ -8,7 +8,11 @@ softmax layer stays float32) and XLA (``jit_compile=True``) on every side, the f
 - **a**: cycleprune's path at the article's batch 32 (see :mod:`benchmarks.throughput`: compiled
   and warmed up by :func:`cycleprune.training.fit`, one epoch's ``model.fit`` per timed call);
 - **b**: the article's ``CyclicLR`` callback on numpy arrays, batch 32;
-- **a_large_batch**: (a) at batch 256, for the best MFU the model reaches.
+- **a_large_batch**: (a) at batch 256, for the best MFU the model reaches;
+- **a_spe1**: (a) with one step per call of the train function instead of the preset's
+  ``train.steps_per_execution`` (16), which (a) and a_large_batch run: what the graph loop saves
+  on a GPU, where every call is a host round trip. (b) cannot loop: its callback runs after every
+  batch.
 
 MFU (model FLOPs utilisation) = achieved FLOP/s / peak FLOP/s, with achieved FLOP/s = images/s x
 :func:`training_flops` per image (3 x the forward FLOPs counted from the layer shapes by
@@ -171,6 +175,7 @@ def measure(
             "a": setup(config, "gpu-a").library(jit=True),
             "b": setup(config, "gpu-b").article(jit=True),
             "a_large_batch": setup(large, "gpu-a-large").library(jit=True),
+            "a_spe1": setup(config, "gpu-a-spe1").library(jit=True, steps_per_execution=1),
         }
         # Each call reports its seconds up to on_train_end (Setup's timing, as in the throughput
         # section), so the tf.data teardown wait of (b)'s numpy feed is not counted; a/b is the
@@ -209,6 +214,9 @@ def measure(
             "a_over_b": a_over_b,
             "mfu_a": timings["a"]["mfu"],
             "mfu_a_large_batch": timings["a_large_batch"]["mfu"],
+            "a_over_spe1": common.paired_ratio(
+                timings["a_spe1"]["samples_s"], timings["a"]["samples_s"]
+            )["median"],
             "sides": timings,
             "table": {
                 "columns": ["side", "batch", "images/s", "TFLOP/s", "MFU"],

@@ -4,7 +4,8 @@ Both sides are the library's training path on the ``small`` preset model (width 
 batch 64, 28 x 28) with the same initial weights and data (augmentation off): **dense** is the
 model :func:`cycleprune.training.fit` trains; **pruned** is the same model wrapped by
 :func:`cycleprune.pruning.prune_model` and trained by ``training.fit`` with tfmot's
-``UpdatePruningStep`` callback, as :func:`cycleprune.pruning.run_pruning` does. Each is
+``UpdatePruningStep`` callback, as :func:`cycleprune.pruning.run_pruning` does; both at the
+preset's ``train.steps_per_execution`` steps per call, as the two stages train. Each is
 compiled and warmed up by one ``training.fit`` call, then each timed call is one epoch's
 ``model.fit`` (quick mode: 3 steps), interleaved, medians.
 
@@ -78,6 +79,7 @@ def run(ctx: Context) -> dict[str, Any]:
             metrics=training.default_metrics(info.num_classes),
             extra_callbacks=callbacks,
             handle_sigterm=False,
+            steps_per_execution=config.train.steps_per_execution,
         )
         epochs = itertools.count(1)
         return lambda: model.fit(batches(next(epochs)), epochs=1, callbacks=callbacks, verbose=0)

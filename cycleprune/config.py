@@ -300,12 +300,12 @@ class TrainConfig:
             ``auto`` is ``mixed_float16`` when every visible GPU has compute capability >= 7.0,
             else ``float32``. Saved models are float32 either way; pruning fine-tunes in
             float32 (see :mod:`cycleprune.precision`).
-        steps_per_execution: Optimizer steps per call of the compiled train function: the steps
-            of a call run in one graph loop with no Python between them (see
-            :func:`cycleprune.training.fit`). The LR schedule stays per step. A SIGTERM stops
-            training after the call in progress. Pruning always runs 1 (tfmot's per-step
-            callback). 16 trains ``small`` 3.4% faster than 1 on 2 CPU cores
-            (``benchmarks/results/2026-12-05.md``, ``a/a_spe1``).
+        steps_per_execution: Optimizer steps per call of the compiled train function, in CLR
+            training and pruning's fine-tuning: the steps of a call run in one graph loop with
+            no Python between them (see :func:`cycleprune.training.fit`). The LR schedule and
+            tfmot's pruning step stay per step (both are counted in the graph). A SIGTERM stops
+            training after the call in progress. 16 trains ``small`` 3.4% faster than 1 on 2
+            CPU cores (``benchmarks/results/2026-12-05.md``, ``a/a_spe1``).
     """
 
     epochs: int = 8

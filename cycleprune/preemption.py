@@ -5,7 +5,8 @@ Kubernetes sends SIGTERM when it evicts or preempts a pod and SIGKILL once the g
 signal handler is unsafe (the handler runs between two Python bytecodes, possibly in the middle
 of a train step), so :class:`SigtermGuard`'s handler only records the request and sets
 ``model.stop_training`` on the models it watches: Keras checks that flag after every batch
-without any per-batch callback, ``fit`` returns after the step in progress, and the caller
+without any per-batch callback, ``fit`` returns after the call of its train function in
+progress (one step, or ``steps_per_execution`` steps), and the caller
 writes a checkpoint of the exact step and raises :class:`PreemptedError`. A rerun with the same
 checkpoint folder resumes from there.
 """

@@ -512,6 +512,9 @@ def _run_pruning(
         epoch_metadata=metadata,
         max_to_keep=None,  # every epoch is a candidate for select_checkpoint
         on_checkpoint=on_checkpoint,
+        # tfmot's wrappers count their pruning step in the graph (UpdatePruningStep has no
+        # per-batch hook), so the sparsity schedule is per step however many run per call.
+        steps_per_execution=config.train.steps_per_execution,
     )
     best = select_checkpoint(result.checkpoints, goal, DEFAULT_TOLERANCE)
     if not best["reached_target"]:

@@ -405,7 +405,8 @@ def fit(
     so a checkpoint never exists without its entry and never holds a non-finite weight.
 
     On SIGTERM (with ``handle_sigterm``, in the main thread) ``model.stop_training`` is set;
-    ``fit`` returns after the step in progress, and the state of that exact step (model,
+    ``fit`` returns after the call of the train function in progress (``steps_per_execution``
+    steps at most), and the state of that exact step (model,
     optimizer, position in the epoch, the epoch's training-metric accumulators so far) is saved
     under ``partial/`` before :class:`~cycleprune.preemption.PreemptedError` is raised.
     Resuming from it skips the batches already done, and the epoch's entry reports metrics over
@@ -453,8 +454,9 @@ def fit(
             Python between them. The LR schedule, the finite-loss check and the metrics stay
             per step (they are in the graph); per-batch callback hooks run once per call, and
             a SIGTERM stops training after the call in progress (at most this many steps).
-            Keep 1 with callbacks that must run every step, such as tfmot's
-            ``UpdatePruningStep``.
+            Above 1, ``extra_callbacks`` with per-batch hooks and validation data of unknown
+            length are refused (tfmot's ``UpdatePruningStep`` has no per-batch hook: the
+            pruning wrappers count their step in the graph).
 
     Returns:
         A :class:`FitResult`.
@@ -472,6 +474,20 @@ def fit(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Argument `{name}` must be an int >= 1. Received: {name}={value!r}")
+    if steps_per_execution > 1:
+        for callback in extra_callbacks:
+            if callback._implements_train_batch_hooks():
+                raise ValueError(
+                    f"{type(callback).__name__} runs after every batch, which happens once per "
+                    f"{steps_per_execution} steps here; train with one step per call. Received: "
+                    f"steps_per_execution={steps_per_execution}"
+                )
+        if val_ds is not None and int(val_ds.cardinality()) < 0:
+            raise ValueError(
+                "Keras cannot run several steps per call over validation data of unknown length; "
+                "declare its length (tf.data.experimental.assert_cardinality) or train with one "
+                f"step per call. Received: steps_per_execution={steps_per_execution}"
+            )
 
     def batches(epoch: int) -> tf.data.Dataset:
         ds = train_ds(epoch) if callable(train_ds) else train_ds

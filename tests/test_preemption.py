@@ -56,8 +56,14 @@ _WORKER = textwrap.dedent(
 def _config():
     base = preset("smoke")
     return base.replace(
+        # 4 steps per call (the presets run 16): a signal mid-epoch stops at a call boundary
+        # inside the 8-step epoch, which writes the partial checkpoint.
         train=dataclasses.replace(
-            base.train, epochs=EPOCHS, whole_cycles=False, deterministic=True
+            base.train,
+            epochs=EPOCHS,
+            whole_cycles=False,
+            deterministic=True,
+            steps_per_execution=4,
         ),
         schedule=dataclasses.replace(base.schedule, min_lr=1e-3, max_lr=0.1, step_size_epochs=1.5),
     )

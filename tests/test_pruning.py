@@ -281,8 +281,9 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
     assert {"epoch_loss", "epoch_sparsity", "epoch_layer_sparsity/block2_conv1"} <= tags
 
 
+@pytest.mark.parametrize("per_call", [1, 4])
 def test_run_pruning_resumes_after_sigterm_with_the_pruning_step_where_it_was(
-    tiny_dataset, tmp_path, monkeypatch
+    tiny_dataset, tmp_path, monkeypatch, per_call
 ):
     import os
     import signal
@@ -292,14 +293,23 @@ def test_run_pruning_resumes_after_sigterm_with_the_pruning_step_where_it_was(
     base = tmp_path / "base.keras"
     training.save_model(_model(), base)
     prune = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=2, epochs=2, frequency=1)
-    config = preset("smoke").replace(prune=prune)
+    smoke = preset("smoke")
+
+    def steps_per_call(n):
+        return smoke.replace(
+            prune=prune, train=dataclasses.replace(smoke.train, steps_per_execution=n)
+        )
+
+    # The reference runs one step per call; tfmot counts its pruning step in the graph, so
+    # several steps per call must prune and train the same (per_call=4).
     straight = pruning.run_pruning(
-        base, tiny_dataset, tmp_path / "straight", config, min_lr=1e-3, max_lr=1e-2
+        base, tiny_dataset, tmp_path / "straight", steps_per_call(1), min_lr=1e-3, max_lr=1e-2
     )
+    config = steps_per_call(per_call)
 
     class SigtermAtStep(training._StopIfRequested):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations.numpy()) == STEPS + 2:
+        def on_train_batch_begin(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == STEPS:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     out = tmp_path / "resumed"
@@ -313,7 +323,8 @@ def test_run_pruning_resumes_after_sigterm_with_the_pruning_step_where_it_was(
         for k in reader.get_variable_to_shape_map()
         if "pruning_step" in k and "OPTIMIZER" not in k
     }
-    assert steps == {STEPS + 2}  # tfmot's step is saved with the model, in step with the optimizer
+    assert caught.value.step == STEPS + per_call  # stopped after the call in progress
+    assert steps == {STEPS + per_call}  # tfmot's step is saved with the model, with the optimizer
 
     resumed = pruning.run_pruning(base, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
     assert resumed.history["global_step"] == straight.history["global_step"] == 2 * STEPS

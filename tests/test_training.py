@@ -287,9 +287,9 @@ def test_each_epoch_has_its_own_data_order_whatever_ran_before(tiny_dataset):
     assert labels(0) != later and labels(2) == later  # no hidden state carried between calls
 
 
-@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize(("per_call", "per_call_resumed"), [(1, 1), (3, 3), (1, 3)])
 def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
-    two_epochs, tiny_dataset, tmp_path, monkeypatch, steps_per_execution
+    two_epochs, tiny_dataset, tmp_path, monkeypatch, per_call, per_call_resumed
 ):
     import os
     import signal
@@ -297,31 +297,37 @@ def test_sigterm_mid_epoch_saves_the_exact_step_and_resumes_to_the_same_weights(
     from cycleprune import models, preemption, training
 
     class SigtermAtStep(training._StopIfRequested):  # a real SIGTERM, at a known step
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations.numpy()) == STEPS + 3:
+        def on_train_batch_begin(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == STEPS:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    def steps_per_call(n):
+        return config.replace(train=dataclasses.replace(config.train, steps_per_execution=n))
+
     reference_out, config, reference = two_epochs
-    # With 3 steps per call, step STEPS + 3 ends a call: the signal stops training there too.
-    config = config.replace(
-        train=dataclasses.replace(config.train, steps_per_execution=steps_per_execution)
-    )
+    # The signal comes as the second epoch's first call starts: training stops after that call.
     with monkeypatch.context() as patch:
         patch.setattr(training, "_StopIfRequested", SigtermAtStep)
         with pytest.raises(preemption.PreemptedError) as caught:
-            training.run_training(tiny_dataset, tmp_path, config, min_lr=MIN_LR, max_lr=MAX_LR)
-    assert caught.value.step == STEPS + 3
+            training.run_training(
+                tiny_dataset, tmp_path, steps_per_call(per_call), min_lr=MIN_LR, max_lr=MAX_LR
+            )
+    stop = STEPS + per_call
+    assert caught.value.step == stop
     partial = tmp_path / "checkpoints" / training.PARTIAL_DIR
     state = json.loads((partial / training.PARTIAL_STATE).read_text())
-    assert (state["epoch"], state["global_step"], state["step_in_epoch"]) == (1, STEPS + 3, 3)
+    assert (state["epoch"], state["global_step"], state["step_in_epoch"]) == (1, stop, per_call)
     assert caught.value.checkpoint == str(partial / state["checkpoint"])
     assert signal.getsignal(signal.SIGTERM) is not SigtermAtStep  # the handler is gone
 
-    resumed = training.run_training(tiny_dataset, tmp_path, config, min_lr=MIN_LR, max_lr=MAX_LR)
+    # The resumed run may loop differently: (1, 3) skips 1 step, then runs calls of 3, 3, 1.
+    resumed = training.run_training(
+        tiny_dataset, tmp_path, steps_per_call(per_call_resumed), min_lr=MIN_LR, max_lr=MAX_LR
+    )
     assert resumed.epochs_run == 1 and resumed.global_step == 2 * STEPS
     assert not partial.exists()
     epochs = resumed.history["epochs"]
-    assert epochs[1].pop("resumed_at_step") == 3
+    assert epochs[1].pop("resumed_at_step") == per_call
     # The epoch's training metrics cover all its steps (saved accumulators + the rest).
     for got, want in zip(epochs, reference.history["epochs"], strict=True):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
@@ -350,7 +356,7 @@ def test_steps_per_execution_loops_in_the_graph_to_the_same_result(
     # 8 steps per epoch in calls of 3, 3 and the remaining 2; no step lost or added.
     assert ends == [3, 6, 8, 11, 14, 16]
     assert result.global_step == reference.global_step == 2 * STEPS
-    assert result.history["lr"] == reference.history["lr"]  # the schedule still moves per step
+    # Equal weights: the LR moved every step inside the calls (a frozen LR would differ).
     for got, want in zip(result.history["epochs"], reference.history["epochs"], strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     ours = models.load_model(result.model_path).get_weights()
@@ -359,27 +365,47 @@ def test_steps_per_execution_loops_in_the_graph_to_the_same_result(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fit_rejects_a_bad_steps_per_execution(tmp_path):
+def test_fit_rejects_what_several_steps_per_call_would_break(tmp_path):
     from cycleprune import training
 
     ds = tf.data.Dataset.from_tensor_slices(
         (np.zeros((4, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 2])
     ).batch(2)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
-    with pytest.raises(ValueError, match="steps_per_execution=0"):
+
+    def fit(val_ds=None, callbacks=(), per_call=2):
         training.fit(
             model,
             ds,
-            None,
+            val_ds,
             optimizer=keras.optimizers.SGD(0.1),
             loss=keras.losses.CategoricalCrossentropy(),
             epochs=1,
             steps_per_epoch=2,
             checkpoint_dir=tmp_path,
-            steps_per_execution=0,
+            extra_callbacks=callbacks,
+            steps_per_execution=per_call,
         )
+
+    with pytest.raises(ValueError, match="steps_per_execution=0"):
+        fit(per_call=0)
     with pytest.raises(ValueError, match=r"train\.steps_per_execution"):
         TrainConfig(steps_per_execution=0)
+
+    # A callback that must run every step would run once per call.
+    class EveryBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    with pytest.raises(ValueError, match=r"EveryBatch runs after every batch.*execution=2"):
+        fit(callbacks=[EveryBatch()])
+    # Keras cannot loop over validation data of unknown length; say so before training.
+    unknown = ds.filter(lambda x, y: True)
+    with pytest.raises(ValueError, match=r"validation data.*unknown length"):
+        fit(val_ds=unknown)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    fit(val_ds=unknown, per_call=1)  # one step per call: fine
+    assert (tmp_path / f"{training.CHECKPOINT_NAME}-1.json").is_file()
 
 
 def test_half_written_and_damaged_checkpoints_are_never_restored(
