@@ -96,7 +96,7 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
     """Resolve the run configuration from the pipeline's parameters.
 
     Args:
-        preset_name: Base preset (``smoke``, ``small``, ``seed``; ``best`` = ``small``).
+        preset_name: Base preset (``smoke``, ``small``, ``best``, ``seed``).
         params: Pipeline parameter values keyed as in :data:`PARAMETERS` (any subset).
             ``prune_end_epoch=0`` means "ramp over all ``prune_epochs``".
         extra_config: YAML/JSON ``{section: {field: value}}`` applied last. It may not change

@@ -113,11 +113,10 @@ def test_configs_are_frozen():
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
-def test_best_is_an_alias_of_small():
-    # "best" (24 training epochs) became the default; configs and schedules naming it still run,
-    # with the very same settings.
-    assert C.preset("best") == C.preset("small")
-    assert C.preset("small").train.epochs == 24
+def test_best_is_small_upsampled_to_64():
+    # The ablation measured one difference (model.input_size=64, on small's 24 + 12 epochs).
+    assert C.preset("best") == C.preset("small").override(["model.input_size=64"])
+    assert C.preset("small").model.input_size == 0 and C.preset("small").train.epochs == 24
     assert C.load_config("best", overrides=["train.epochs=3"]).train.epochs == 3
 
 
