@@ -4,10 +4,10 @@ A :class:`Config` is a frozen tree of one dataclass per stage. It round-trips th
 JSON and YAML, and overrides come as dotted ``key=value`` strings (``train.epochs=3``). Presets:
 
 - ``smoke``: a few seconds per stage, for tests;
-- ``small``: the CPU default and the quality preset, minutes for the whole pipeline;
+- ``small``: the CPU default, minutes for the whole pipeline;
 - ``best``: ``small`` with the images upsampled 28 -> 64 inside the model (about 5x the
-  multiply-adds per image; 15-18 minutes per run on 2 CPU cores, about twice ``small``): higher
-  test accuracy and specificity, equal AUC;
+  multiply-adds per image; 15-18 minutes per run on 2 CPU cores, about three times ``small``):
+  higher test accuracy and specificity, equal AUC;
 - ``seed``: the original article's hyperparameters exactly (full-width VGG, batch 32, CLR
   1e-3..1e-1 with step = 4 epochs, 32 epochs, focal loss, class weights {0: 1.0, 1: 0.33},
   pruning 0 -> 50% over 8 epochs every 100 steps).

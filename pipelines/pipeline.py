@@ -215,7 +215,7 @@ def build_pipeline(
                 container (default: the bundled PneumoniaMNIST).
             preset: Base configuration for every field not set here: seed (the article),
                 small, best (small with the images upsampled to 64x64 in the model, about
-                twice the run time) or smoke.
+                three times the run time) or smoke.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ...
