@@ -110,24 +110,33 @@ def test_finite_loss_equals_inner_loss_and_rejects_nan():
         FiniteLoss(inner)(y, np.array([[np.nan, 1.0], [0.5, 0.5]], np.float32))
 
 
-def test_fit_rejects_steps_that_disagree_with_the_dataset(tmp_path):
+def _tiny(n: int, batch: int) -> tf.data.Dataset:
+    """``n`` two-feature examples of alternating classes, in batches."""
+    labels = np.eye(2, dtype=np.float32)[[i % 2 for i in range(n)]]
+    return tf.data.Dataset.from_tensor_slices((np.zeros((n, 2), np.float32), labels)).batch(batch)
+
+
+def _fit_tiny(ds, checkpoint_dir, *, steps_per_epoch, val_ds=None, **kwargs):
+    """``training.fit`` of a one-layer model on ``ds`` for one epoch."""
     from cycleprune import training
 
-    ds = tf.data.Dataset.from_tensor_slices(
-        (np.zeros((10, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 5])
-    ).batch(5)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    return training.fit(
+        model,
+        ds,
+        val_ds,
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.CategoricalCrossentropy(),
+        epochs=1,
+        steps_per_epoch=steps_per_epoch,
+        checkpoint_dir=checkpoint_dir,
+        **kwargs,
+    )
+
+
+def test_fit_rejects_steps_that_disagree_with_the_dataset(tmp_path):
     with pytest.raises(ValueError, match="steps_per_epoch=3"):
-        training.fit(
-            model,
-            ds,
-            None,
-            optimizer=keras.optimizers.SGD(0.1),
-            loss=keras.losses.CategoricalCrossentropy(),
-            epochs=1,
-            steps_per_epoch=3,
-            checkpoint_dir=tmp_path,
-        )
+        _fit_tiny(_tiny(10, 5), tmp_path, steps_per_epoch=3)
 
 
 def test_run_training_writes_model_history_and_tensorboard(two_epochs):
@@ -368,21 +377,14 @@ def test_steps_per_execution_loops_in_the_graph_to_the_same_result(
 def test_fit_rejects_what_several_steps_per_call_would_break(tmp_path):
     from cycleprune import training
 
-    ds = tf.data.Dataset.from_tensor_slices(
-        (np.zeros((4, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 2])
-    ).batch(2)
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    ds = _tiny(4, 2)
 
     def fit(val_ds=None, callbacks=(), per_call=2):
-        training.fit(
-            model,
+        _fit_tiny(
             ds,
-            val_ds,
-            optimizer=keras.optimizers.SGD(0.1),
-            loss=keras.losses.CategoricalCrossentropy(),
-            epochs=1,
+            tmp_path,
             steps_per_epoch=2,
-            checkpoint_dir=tmp_path,
+            val_ds=val_ds,
             extra_callbacks=callbacks,
             steps_per_execution=per_call,
         )
