@@ -476,6 +476,7 @@ def fit(
             raise ValueError(f"Argument `{name}` must be an int >= 1. Received: {name}={value!r}")
     if steps_per_execution > 1:
         for callback in extra_callbacks:
+            # tf_keras' own test (CallbackList uses it to skip batch hooks nobody implements).
             if callback._implements_train_batch_hooks():
                 raise ValueError(
                     f"{type(callback).__name__} runs after every batch, which happens once per "

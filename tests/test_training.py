@@ -241,6 +241,12 @@ def test_divergence_stops_with_step_and_lr(tiny_dataset, tmp_path):
     with pytest.raises(training.DivergenceError) as caught:
         training.run_training(tiny_dataset, tmp_path / "out", config, min_lr=1e3, max_lr=1e4)
     err = caught.value
+    # The presets' 16 steps per call (a whole 8-step epoch per call here) stop at the same step.
+    looped = config.replace(train=dataclasses.replace(config.train, steps_per_execution=16))
+    with pytest.raises(training.DivergenceError) as in_loop:
+        training.run_training(tiny_dataset, tmp_path / "loop", looped, min_lr=1e3, max_lr=1e4)
+    assert in_loop.value.step == err.step and in_loop.value.lr == err.lr
+    assert not (tmp_path / "loop" / "model.keras").exists()
     assert 0 <= err.step < 2 * STEPS
     assert err.lr == pytest.approx(float(_clr(err.step, config, 1e3, 1e4)), rel=1e-5)
     assert f"step {err.step}" in str(err) and f"{err.lr:.6g}" in str(err)
