@@ -369,3 +369,32 @@ def test_article_callback_follows_the_clr_formula(policy, gamma):
     # The peak, one half-cycle in: max_lr (exp_range: 0.01 + 0.09 * gamma**3).
     peak = 0.1 if policy != "exp_range" else 0.01 + 0.09 * gamma**3
     assert seen[3] == pytest.approx(peak, rel=1e-6)
+
+
+def test_ablation_table_leaves_out_files_of_other_studies(tmp_path, capsys):
+    from benchmarks import ablation
+
+    def model(name, acc, auc):
+        metrics = {"accuracy": acc, "auc": auc}
+        return {"name": name, "val": metrics, "test": metrics}
+
+    quality = tmp_path / "A_run.json"
+    quality.write_text(
+        json.dumps(
+            {
+                "overrides": ["train.epochs=16"],
+                "runs": [
+                    {"models": [model("dense/keras", 0.90, 0.96)], "selected": "dense/keras"},
+                    {"models": [model("dense/keras", 0.92, 0.98)], "selected": "dense/keras"},
+                ],
+            }
+        )
+    )
+    other = tmp_path / "B_offline.json"
+    other.write_text(json.dumps({"what": "offline", "rows": [{"tta": "none"}]}))
+    assert ablation.main([str(quality), str(other)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 3  # header, rule, one row
+    assert lines[2] == "| A_run | train.epochs=16 | 2 | 0.910 ± 0.014 | 0.970 ± 0.014 | - | - | - |"
+    assert "left out" in err and "B_offline.json" in err
