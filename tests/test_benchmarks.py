@@ -390,11 +390,22 @@ def test_ablation_table_leaves_out_files_of_other_studies(tmp_path, capsys):
             }
         )
     )
+    patched = tmp_path / "C_patched.json"
+    patched.write_text(
+        json.dumps(
+            {
+                "change": "weight decay 5e-5",
+                "overrides": [],
+                "runs": [{"models": [model("dense/keras", 0.9, 0.97)], "selected": "dense/keras"}],
+            }
+        )
+    )
     other = tmp_path / "B_offline.json"
     other.write_text(json.dumps({"what": "offline", "rows": [{"tta": "none"}]}))
-    assert ablation.main([str(quality), str(other)]) == 0
+    assert ablation.main([str(quality), str(other), str(patched)]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert len(lines) == 3  # header, rule, one row
+    assert len(lines) == 4  # header, rule, two rows
     assert lines[2] == "| A_run | train.epochs=16 | 2 | 0.910 ± 0.014 | 0.970 ± 0.014 | - | - | - |"
+    assert lines[3] == "| C_patched | weight decay 5e-5 | 1 | 0.900 | 0.970 | - | - | - |"
     assert "left out" in err and "B_offline.json" in err
