@@ -1,0 +1,290 @@
+"""How far the model family reaches on the test split: seed ensembles and an oracle threshold.
+
+An offline study for issue #7. It reads the dense models that
+``python -m benchmarks.quality --dense-only --keep DIR`` leaves (``DIR/seed*/train/model.keras``)
+and each seed's prepared dataset (``DIR/seed*/dataset``), then reports:
+
+- **ensembles**: for k = 1 .. n seeds, the mean over every k-subset of the seeds of the
+  averaged-probability ensemble: validation AUC, and test accuracy, sensitivity, specificity and
+  AUC at the threshold chosen on validation with the pipeline's rule (``evaluate.threshold_rule``);
+- **oracle**: a diagnostic that reads the test labels to place the threshold, never a selection:
+  per model (each seed, and the ensemble of all seeds) the best test accuracy over every
+  threshold, and the highest test specificity among the thresholds whose sensitivity meets
+  ``--min-sensitivity``. It bounds what any threshold rule chosen on validation could reach;
+- **threshold rules**: per rule of :func:`cycleprune.evaluation.choose_threshold` (on
+  validation), the test metrics of each seed's model, their mean and the lowest sensitivity.
+
+    python -m benchmarks.quality --preset small --seeds 1 2 3 4 5 --dense-only --keep DIR
+    python -m benchmarks.ceiling DIR --out benchmarks/results/ablation/Z_ceiling_small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("val", "test")
+TEST_KEYS = ("accuracy", "sensitivity", "specificity", "auc")
+
+
+def seed_folders(keep: Path) -> dict[int, Path]:
+    """``{seed: folder}`` for every ``seed<N>`` folder under ``keep`` holding a trained model."""
+    found = {}
+    for folder in keep.glob("seed*"):
+        suffix = folder.name[len("seed") :]
+        if suffix.isdigit() and (folder / "train" / "model.keras").is_file():
+            found[int(suffix)] = folder
+    if not found:
+        raise FileNotFoundError(
+            f"no seed<N>/train/model.keras under {keep}: run benchmarks.quality with --keep {keep}"
+        )
+    return dict(sorted(found.items()))
+
+
+def seed_probabilities(
+    folders: dict[int, Path], positive: int
+) -> tuple[dict[str, np.ndarray], dict[str, dict[int, np.ndarray]]]:
+    """Binary labels per split, and each seed's positive-class probabilities per split.
+
+    Raises:
+        ValueError: the seeds' datasets disagree on a split's labels (different sources).
+    """
+    from cycleprune import data, evaluation, models
+
+    labels: dict[str, np.ndarray] = {}
+    probs: dict[str, dict[int, np.ndarray]] = {split: {} for split in SPLITS}
+    for seed, folder in folders.items():
+        model = models.load_model(folder / "train" / "model.keras")
+        for split in SPLITS:
+            x, y = data.load_arrays(str(folder / "dataset"), split)
+            y = (np.asarray(y) == positive).astype(np.int64)
+            if split in labels and not np.array_equal(labels[split], y):
+                raise ValueError(
+                    f"{folder / 'dataset'}: the {split} labels differ from the other seeds'; "
+                    "every seed must be prepared from the same source"
+                )
+            labels[split] = y
+            probs[split][seed] = evaluation.predict_proba(model, x)[:, positive]
+    return labels, probs
+
+
+def ensemble_rows(
+    labels: dict[str, np.ndarray],
+    probs: dict[str, dict[int, np.ndarray]],
+    rule: str,
+    min_sensitivity: float,
+) -> list[dict[str, Any]]:
+    """Per ensemble size k, the mean metrics over all k-subsets (threshold from validation)."""
+    from cycleprune import evaluation
+
+    seeds = sorted(probs["val"])
+    rows = []
+    for k in range(1, len(seeds) + 1):
+        scores = []
+        for subset in itertools.combinations(seeds, k):
+            val = np.mean([probs["val"][s] for s in subset], axis=0)
+            test = np.mean([probs["test"][s] for s in subset], axis=0)
+            threshold = evaluation.choose_threshold(
+                labels["val"], val, rule, min_sensitivity=min_sensitivity
+            )
+            on_val = evaluation.compute_metrics(labels["val"], val, threshold)
+            on_test = evaluation.compute_metrics(labels["test"], test, threshold)
+            scores.append({"val_auc": on_val["auc"], **{key: on_test[key] for key in TEST_KEYS}})
+        rows.append(
+            {
+                "k": k,
+                "subsets": len(scores),
+                "val_auc": statistics.fmean(s["val_auc"] for s in scores),
+                "test": {key: statistics.fmean(s[key] for s in scores) for key in TEST_KEYS},
+            }
+        )
+    return rows
+
+
+def rule_rows(
+    labels: dict[str, np.ndarray],
+    probs: dict[str, dict[int, np.ndarray]],
+    rules: list[tuple[str, float]],
+) -> list[dict[str, Any]]:
+    """Per ``(rule, min_sensitivity)``: each seed's test metrics at its validation threshold."""
+    from cycleprune import evaluation
+
+    rows = []
+    for rule, min_sensitivity in rules:
+        per_seed = {}
+        for seed, val in probs["val"].items():
+            threshold = evaluation.choose_threshold(
+                labels["val"], val, rule, min_sensitivity=min_sensitivity
+            )
+            on_test = evaluation.compute_metrics(labels["test"], probs["test"][seed], threshold)
+            per_seed[seed] = {"threshold": threshold, **{k: on_test[k] for k in TEST_KEYS}}
+        rows.append(
+            {
+                "rule": rule,
+                "min_sensitivity": min_sensitivity if rule == "sensitivity" else None,
+                "per_seed": per_seed,
+                "test": {k: statistics.fmean(m[k] for m in per_seed.values()) for k in TEST_KEYS},
+                "lowest_sensitivity": min(m["sensitivity"] for m in per_seed.values()),
+            }
+        )
+    return rows
+
+
+def oracle(y_true: np.ndarray, p_positive: np.ndarray, min_sensitivity: float) -> dict[str, Any]:
+    """Test metrics at thresholds placed with the test labels (a bound, not a selection)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, thresholds = roc_curve(y_true, p_positive, drop_intermediate=False)
+    positives = int(np.sum(y_true == 1))
+    negatives = len(y_true) - positives
+    accuracy = (tpr * positives + (1 - fpr) * negatives) / len(y_true)
+    best = int(np.argmax(accuracy))
+    meets = tpr >= min_sensitivity
+    return {
+        "auc": float(roc_auc_score(y_true, p_positive)),
+        "best_accuracy": float(accuracy[best]),
+        "at_best_accuracy": {
+            "threshold": float(min(thresholds[best], 1.0)),
+            "sensitivity": float(tpr[best]),
+            "specificity": float(1 - fpr[best]),
+        },
+        "max_specificity_at_min_sensitivity": float(np.max(1 - fpr[meets])),
+    }
+
+
+def oracle_rows(
+    labels: dict[str, np.ndarray], probs: dict[str, dict[int, np.ndarray]], min_sensitivity: float
+) -> list[dict[str, Any]]:
+    """:func:`oracle` for each seed's model, and for the ensemble of all seeds."""
+    test = probs["test"]
+    rows = [
+        {"models": f"seed {s}", **oracle(labels["test"], p, min_sensitivity)}
+        for s, p in test.items()
+    ]
+    if len(test) > 1:
+        mean = np.mean(list(test.values()), axis=0)
+        rows.append(
+            {"models": f"ensemble of {len(test)}", **oracle(labels["test"], mean, min_sensitivity)}
+        )
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    """The Markdown tables of a result."""
+    lines = [
+        f"Ensembles of the dense models in `{result['keep']}` (seeds "
+        f"{', '.join(map(str, result['seeds']))}); threshold from validation "
+        f"({result['threshold_rule']}), metrics on test, means over every subset of k seeds:",
+        "",
+        "| k | subsets | val AUC | test acc | test AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["ensembles"]:
+        t = row["test"]
+        lines.append(
+            f"| {row['k']} | {row['subsets']} | {row['val_auc']:.4f} | {t['accuracy']:.3f} | "
+            f"{t['auc']:.4f} | {t['sensitivity']:.3f} | {t['specificity']:.3f} |"
+        )
+    floor = result["min_sensitivity"]
+    lines += [
+        "",
+        "Oracle thresholds (placed with the test labels: a bound, never a selection):",
+        "",
+        f"| models | test AUC | best test acc | its sensitivity / specificity | max specificity "
+        f"with sensitivity >= {floor:g} |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["oracle"]:
+        at = row["at_best_accuracy"]
+        lines.append(
+            f"| {row['models']} | {row['auc']:.4f} | {row['best_accuracy']:.3f} | "
+            f"{at['sensitivity']:.3f} / {at['specificity']:.3f} | "
+            f"{row['max_specificity_at_min_sensitivity']:.3f} |"
+        )
+    lines += [
+        "",
+        "Threshold rules (on validation), each seed's model on test, means over seeds:",
+        "",
+        "| rule | test acc | sensitivity (lowest) | specificity | thresholds |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["threshold_rules"]:
+        t = row["test"]
+        name = row["rule"] + (
+            f" >= {row['min_sensitivity']:g}" if row["min_sensitivity"] is not None else ""
+        )
+        thresholds = ", ".join(f"{m['threshold']:.3f}" for m in row["per_seed"].values())
+        lines.append(
+            f"| {name} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} "
+            f"({row['lowest_sensitivity']:.3f}) | {t['specificity']:.3f} | {thresholds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _rule(text: str) -> tuple[str, float]:
+    """``"youden"`` -> ``("youden", 0.95)``; ``"sensitivity:0.97"`` -> ``("sensitivity", 0.97)``."""
+    from cycleprune.config import THRESHOLD_RULES, EvaluateConfig
+
+    rule, _, floor = text.partition(":")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(
+            f"--compare {text!r}: the rule must be one of {', '.join(THRESHOLD_RULES)}"
+        )
+    try:
+        value = float(floor) if floor else EvaluateConfig().min_sensitivity
+    except ValueError:
+        raise ValueError(f"--compare {text!r}: {floor!r} is not a number") from None
+    return rule, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cycleprune.config import EvaluateConfig
+
+    defaults = EvaluateConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("keep", type=Path, help="a benchmarks.quality --keep folder")
+    parser.add_argument("--out", type=Path, help="write the result JSON here")
+    parser.add_argument("--what", default="", help="a sentence on what was run, kept in the JSON")
+    parser.add_argument("--rule", default=defaults.threshold_rule)
+    parser.add_argument("--positive-class", type=int, default=defaults.positive_class)
+    parser.add_argument("--min-sensitivity", type=float, default=0.97)
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=["youden", "f1", "sensitivity:0.95", "sensitivity:0.97"],
+        help="threshold rules to compare: RULE or sensitivity:MIN",
+    )
+    args = parser.parse_args(argv)
+
+    folders = seed_folders(args.keep)
+    labels, probs = seed_probabilities(folders, args.positive_class)
+    result = {
+        "schema": 1,
+        "study": "ceiling",
+        "what": args.what,
+        "keep": str(args.keep),
+        "seeds": list(folders),
+        "threshold_rule": args.rule,
+        "positive_class": args.positive_class,
+        "min_sensitivity": args.min_sensitivity,
+        "ensembles": ensemble_rows(labels, probs, args.rule, defaults.min_sensitivity),
+        "oracle": oracle_rows(labels, probs, args.min_sensitivity),
+        "threshold_rules": rule_rows(labels, probs, [_rule(text) for text in args.compare]),
+    }
+    print(render(result), end="")
+    if args.out:
+        from cycleprune import storage
+
+        storage.atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
