@@ -6,7 +6,8 @@ and each seed's prepared dataset (``DIR/seed*/dataset``), then reports:
 
 - **ensembles**: for k = 1 .. n seeds, the mean over every k-subset of the seeds of the
   averaged-probability ensemble: validation AUC, and test accuracy, sensitivity, specificity and
-  AUC at the threshold chosen on validation with the pipeline's rule (``evaluate.threshold_rule``);
+  AUC at the threshold chosen on validation with the rule of ``--preset`` (``evaluate.
+  threshold_rule`` and ``evaluate.min_sensitivity``; ``--rule`` to override);
 - **oracle**: a diagnostic that reads the test labels to place the threshold, never a selection:
   per model (each seed, and the ensemble of all seeds) the best test accuracy over every
   threshold, and the highest test specificity among the thresholds whose sensitivity meets
@@ -31,6 +32,7 @@ import numpy as np
 
 SPLITS = ("val", "test")
 TEST_KEYS = ("accuracy", "sensitivity", "specificity", "auc")
+_TOLERANCE = 1e-12  # as evaluation.choose_threshold's sensitivity floor
 
 
 def seed_folders(keep: Path) -> dict[int, Path]:
@@ -60,17 +62,23 @@ def seed_probabilities(
     labels: dict[str, np.ndarray] = {}
     probs: dict[str, dict[int, np.ndarray]] = {split: {} for split in SPLITS}
     for seed, folder in folders.items():
-        model = models.load_model(folder / "train" / "model.keras")
+        path = folder / "train" / "model.keras"
+        model = models.load_model(path)
         for split in SPLITS:
             x, y = data.load_arrays(str(folder / "dataset"), split)
             y = (np.asarray(y) == positive).astype(np.int64)
+            p = evaluation.predict_proba(model, x)
+            if p.shape[1] <= positive:
+                raise ValueError(
+                    f"--positive-class {positive}: {path} outputs {p.shape[1]} classes"
+                )
             if split in labels and not np.array_equal(labels[split], y):
                 raise ValueError(
                     f"{folder / 'dataset'}: the {split} labels differ from the other seeds'; "
                     "every seed must be prepared from the same source"
                 )
             labels[split] = y
-            probs[split][seed] = evaluation.predict_proba(model, x)[:, positive]
+            probs[split][seed] = p[:, positive]
     return labels, probs
 
 
@@ -145,12 +153,13 @@ def oracle(y_true: np.ndarray, p_positive: np.ndarray, min_sensitivity: float) -
     negatives = len(y_true) - positives
     accuracy = (tpr * positives + (1 - fpr) * negatives) / len(y_true)
     best = int(np.argmax(accuracy))
-    meets = tpr >= min_sensitivity
+    meets = tpr >= min_sensitivity - _TOLERANCE
     return {
         "auc": float(roc_auc_score(y_true, p_positive)),
         "best_accuracy": float(accuracy[best]),
         "at_best_accuracy": {
-            "threshold": float(min(thresholds[best], 1.0)),
+            # roc_curve's first threshold is inf: nothing called positive (no finite cut-off).
+            "threshold": float(thresholds[best]) if np.isfinite(thresholds[best]) else None,
             "sensitivity": float(tpr[best]),
             "specificity": float(1 - fpr[best]),
         },
@@ -175,12 +184,17 @@ def oracle_rows(
     return rows
 
 
+def _rule_name(rule: str, floor: float | None) -> str:
+    return rule if floor is None else f"{rule} >= {floor:g}"
+
+
 def render(result: dict[str, Any]) -> str:
     """The Markdown tables of a result."""
     lines = [
         f"Ensembles of the dense models in `{result['keep']}` (seeds "
         f"{', '.join(map(str, result['seeds']))}); threshold from validation "
-        f"({result['threshold_rule']}), metrics on test, means over every subset of k seeds:",
+        f"({_rule_name(result['threshold_rule'], result['rule_min_sensitivity'])}), metrics on "
+        "test, means over every subset of k seeds:",
         "",
         "| k | subsets | val AUC | test acc | test AUC | sensitivity | specificity |",
         "|---|---|---|---|---|---|---|",
@@ -216,9 +230,7 @@ def render(result: dict[str, Any]) -> str:
     ]
     for row in result["threshold_rules"]:
         t = row["test"]
-        name = row["rule"] + (
-            f" >= {row['min_sensitivity']:g}" if row["min_sensitivity"] is not None else ""
-        )
+        name = _rule_name(row["rule"], row["min_sensitivity"])
         thresholds = ", ".join(f"{m['threshold']:.3f}" for m in row["per_seed"].values())
         lines.append(
             f"| {name} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} "
@@ -227,33 +239,48 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rule(text: str) -> tuple[str, float]:
-    """``"youden"`` -> ``("youden", 0.95)``; ``"sensitivity:0.97"`` -> ``("sensitivity", 0.97)``."""
-    from cycleprune.config import THRESHOLD_RULES, EvaluateConfig
+def _rule(text: str, default_floor: float) -> tuple[str, float]:
+    """``"youden"`` -> ``("youden", default_floor)``; ``"sensitivity:0.97"`` -> its floor.
 
-    rule, _, floor = text.partition(":")
+    Raises:
+        ValueError: an unknown rule, a floor on a rule other than ``sensitivity``, or a floor
+            that is not a number in (0, 1]; the message names the text.
+    """
+    from cycleprune.config import THRESHOLD_RULES
+
+    rule, colon, floor = text.partition(":")
     if rule not in THRESHOLD_RULES:
-        raise ValueError(
-            f"--compare {text!r}: the rule must be one of {', '.join(THRESHOLD_RULES)}"
-        )
+        raise ValueError(f"{text!r}: the rule must be one of {', '.join(THRESHOLD_RULES)}")
+    if not colon:
+        return rule, default_floor
+    if rule != "sensitivity":
+        raise ValueError(f"{text!r}: only the sensitivity rule takes a floor (sensitivity:MIN)")
+    return rule, _floor(floor, text)
+
+
+def _floor(value: str, what: str) -> float:
     try:
-        value = float(floor) if floor else EvaluateConfig().min_sensitivity
+        number = float(value)
     except ValueError:
-        raise ValueError(f"--compare {text!r}: {floor!r} is not a number") from None
-    return rule, value
+        raise ValueError(f"{what!r}: {value!r} is not a number") from None
+    if not 0 < number <= 1:
+        raise ValueError(f"{what!r}: the sensitivity floor must be in (0, 1], not {number}")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cycleprune.config import EvaluateConfig
+    from cycleprune.config import preset
 
-    defaults = EvaluateConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("keep", type=Path, help="a benchmarks.quality --keep folder")
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     parser.add_argument("--what", default="", help="a sentence on what was run, kept in the JSON")
-    parser.add_argument("--rule", default=defaults.threshold_rule)
-    parser.add_argument("--positive-class", type=int, default=defaults.positive_class)
-    parser.add_argument("--min-sensitivity", type=float, default=0.97)
+    parser.add_argument("--preset", default="small", help="whose threshold rule the ensembles use")
+    parser.add_argument("--rule", help="the ensembles' rule instead: RULE or sensitivity:MIN")
+    parser.add_argument("--positive-class", type=int, help="default: the preset's")
+    parser.add_argument(
+        "--min-sensitivity", default="0.97", help="the oracle's sensitivity floor, in (0, 1]"
+    )
     parser.add_argument(
         "--compare",
         nargs="*",
@@ -261,21 +288,30 @@ def main(argv: list[str] | None = None) -> int:
         help="threshold rules to compare: RULE or sensitivity:MIN",
     )
     args = parser.parse_args(argv)
+    settings = preset(args.preset).evaluate
+    rule, rule_floor = (settings.threshold_rule, settings.min_sensitivity)
+    if args.rule:
+        rule, rule_floor = _rule(args.rule, settings.min_sensitivity)
+    oracle_floor = _floor(args.min_sensitivity, "--min-sensitivity")
+    positive = settings.positive_class if args.positive_class is None else args.positive_class
+    compare = [_rule(text, settings.min_sensitivity) for text in args.compare]
 
     folders = seed_folders(args.keep)
-    labels, probs = seed_probabilities(folders, args.positive_class)
+    labels, probs = seed_probabilities(folders, positive)
     result = {
         "schema": 1,
         "study": "ceiling",
         "what": args.what,
         "keep": str(args.keep),
         "seeds": list(folders),
-        "threshold_rule": args.rule,
-        "positive_class": args.positive_class,
-        "min_sensitivity": args.min_sensitivity,
-        "ensembles": ensemble_rows(labels, probs, args.rule, defaults.min_sensitivity),
-        "oracle": oracle_rows(labels, probs, args.min_sensitivity),
-        "threshold_rules": rule_rows(labels, probs, [_rule(text) for text in args.compare]),
+        "preset": args.preset,
+        "threshold_rule": rule,
+        "rule_min_sensitivity": rule_floor if rule == "sensitivity" else None,
+        "positive_class": positive,
+        "min_sensitivity": oracle_floor,
+        "ensembles": ensemble_rows(labels, probs, rule, rule_floor),
+        "oracle": oracle_rows(labels, probs, oracle_floor),
+        "threshold_rules": rule_rows(labels, probs, compare),
     }
     print(render(result), end="")
     if args.out:

@@ -17,29 +17,44 @@ def test_oracle_on_hand_computed_scores():
     out = ceiling.oracle(y, p, min_sensitivity=1.0)
     # Pairs (positive, negative) ranked right: (0.4 > 0.1), (0.9 > 0.1), (0.9 > 0.6); not 0.4 < 0.6.
     assert out["auc"] == pytest.approx(0.75)
-    # Best cut: p >= 0.9 or p >= 0.4 (3 of 4 right); never all four.
+    # Best cuts: p >= 0.9 or p >= 0.4 (3 of 4 right); the first found is the higher one.
     assert out["best_accuracy"] == pytest.approx(0.75)
+    assert out["at_best_accuracy"] == pytest.approx(
+        {"threshold": 0.9, "sensitivity": 0.5, "specificity": 1.0}
+    )
     # Sensitivity 1 needs p >= 0.4, which calls 0.6 positive: specificity 1/2.
+    assert out["max_specificity_at_min_sensitivity"] == pytest.approx(0.5)
+
+
+def test_oracle_calling_nothing_positive_has_no_threshold():
+    # Four negatives, one of them scored 1.0: the best accuracy (4/5) calls nothing positive,
+    # which no cut-off p >= t does (p >= 1.0 would call the 1.0 positive).
+    out = ceiling.oracle(np.array([0, 0, 0, 0, 1]), np.array([0.2, 0.3, 0.9, 1.0, 0.5]), 0.5)
+    assert out["best_accuracy"] == pytest.approx(0.8)
+    assert out["at_best_accuracy"] == {"threshold": None, "sensitivity": 0.0, "specificity": 1.0}
+    # Sensitivity >= 0.5 (the one positive, 0.5) calls 0.9 and 1.0 positive too.
     assert out["max_specificity_at_min_sensitivity"] == pytest.approx(0.5)
 
 
 def test_ensembles_average_probabilities_over_every_subset():
     labels = {"val": np.array([0, 0, 1, 1]), "test": np.array([0, 0, 1, 1])}
-    # Each seed misranks one test pair; their mean ranks all test pairs right.
     probs = {
-        "val": {1: np.array([0.1, 0.2, 0.8, 0.9]), 2: np.array([0.1, 0.2, 0.8, 0.9])},
-        "test": {1: np.array([0.1, 0.7, 0.6, 0.9]), 2: np.array([0.5, 0.1, 0.9, 0.4])},
+        # Seed 1 separates val (its own Youden threshold: 0.5); seed 2 ties 0.7 with 0.7 (AUC
+        # 0.875); their mean [0.15, 0.55, 0.6, 0.85] separates it, at the one best cut 0.6.
+        "val": {1: np.array([0.1, 0.4, 0.5, 0.9]), 2: np.array([0.2, 0.7, 0.7, 0.8])},
+        # Test AUC: seed 1 0.75, seed 2 0.625 (0.6 < 0.8, 0.8 = 0.8); the mean
+        # [0.55, 0.3, 0.65, 0.625] separates test, and at 0.6 (not 0.5) calls 0.55 normal.
+        "test": {1: np.array([0.3, 0.5, 0.7, 0.45]), 2: np.array([0.8, 0.1, 0.6, 0.8])},
     }
     rows = ceiling.ensemble_rows(labels, probs, "youden", 0.95)
     assert [(r["k"], r["subsets"]) for r in rows] == [(1, 2), (2, 1)]
-    assert rows[0]["val_auc"] == pytest.approx(1.0)
-    assert rows[0]["test"]["auc"] == pytest.approx(0.75)  # both seeds: 3 of 4 pairs
-    # The mean: [0.3, 0.4, 0.75, 0.65] separates the classes.
-    assert rows[1]["test"]["auc"] == pytest.approx(1.0)
-    # Youden on val: any cut in (0.2, 0.8]; ties go nearest 0.5 -> 0.8 is the only distinct
-    # candidate with J = 1, so the mean's test scores 0.75 and 0.65 are called normal.
-    assert rows[1]["test"]["sensitivity"] == pytest.approx(0.0)
-    assert rows[1]["test"]["specificity"] == pytest.approx(1.0)
+    assert rows[0]["val_auc"] == pytest.approx((1.0 + 0.875) / 2)
+    assert rows[0]["test"]["auc"] == pytest.approx((0.75 + 0.625) / 2)
+    assert rows[1]["val_auc"] == pytest.approx(1.0)
+    # The elementwise minimum would miss 0.45 at its own cut 0.5; the mean gets every image right.
+    assert rows[1]["test"] == pytest.approx(
+        {"accuracy": 1.0, "sensitivity": 1.0, "specificity": 1.0, "auc": 1.0}
+    )
 
 
 def test_seed_folders_names_the_folder_without_models(tmp_path):
@@ -66,11 +81,14 @@ def keep(tiny_dataset, train_tiny_model, tmp_path_factory):
 
 def test_main_matches_the_pipelines_evaluation_per_seed(keep, tmp_path, capsys):
     from cycleprune import data, evaluation, models
+    from cycleprune.config import preset
 
+    settings = preset("small").evaluate
     out = tmp_path / "ceiling.json"
     assert ceiling.main([str(keep), "--out", str(out), "--what", "two tiny seeds"]) == 0
     result = json.loads(out.read_text())
     assert result["seeds"] == [1, 2] and result["what"] == "two tiny seeds"
+    assert result["threshold_rule"] == settings.threshold_rule
     assert [r["models"] for r in result["oracle"]] == ["seed 1", "seed 2", "ensemble of 2"]
 
     # k = 1 is the mean of the pipeline's own evaluation of each seed's model.
@@ -81,7 +99,9 @@ def test_main_matches_the_pipelines_evaluation_per_seed(keep, tmp_path, capsys):
         model = models.load_model(keep / f"seed{seed}" / "train" / "model.keras")
         pv = evaluation.predict_proba(model, vx)[:, 1]
         pt = evaluation.predict_proba(model, tx)[:, 1]
-        threshold = evaluation.choose_threshold(vy, pv, "youden")
+        threshold = evaluation.choose_threshold(
+            vy, pv, settings.threshold_rule, min_sensitivity=settings.min_sensitivity
+        )
         accuracies.append(evaluation.compute_metrics(ty, pt, threshold)["accuracy"])
         # No threshold rule beats the oracle's best accuracy.
         assert result["oracle"][seed - 1]["best_accuracy"] >= accuracies[-1]
@@ -104,36 +124,62 @@ def test_seeds_prepared_from_different_sources_are_refused(keep, monkeypatch):
 
 
 def test_threshold_rules_are_chosen_on_validation_and_scored_on_test():
+    val = np.array([0.1, 0.5, 0.3, 0.6, 0.8, 0.9])
     labels = {"val": np.array([0, 0, 1, 1, 1, 1]), "test": np.array([0, 0, 1, 1, 1, 1])}
     probs = {
-        "val": {7: np.array([0.1, 0.5, 0.3, 0.6, 0.8, 0.9])},
-        "test": {7: np.array([0.1, 0.55, 0.35, 0.7, 0.8, 0.9])},
+        "val": {7: val, 8: val},
+        "test": {
+            7: np.array([0.1, 0.55, 0.35, 0.7, 0.8, 0.9]),
+            8: np.array([0.1, 0.65, 0.35, 0.5, 0.8, 0.9]),
+        },
     }
     youden, sens75, fixed = ceiling.rule_rows(
         labels, probs, [("youden", 0.95), ("sensitivity", 0.75), ("fixed", 0.95)]
     )
-    # Youden on val: p >= 0.6 gives J = 3/4 + 1 - 1 = 0.75, the best; on test 0.7, 0.8, 0.9 are
-    # positive, 0.35 a miss and 0.55 a true negative.
-    assert youden["per_seed"][7]["threshold"] == pytest.approx(0.6)
-    assert youden["test"]["sensitivity"] == pytest.approx(0.75)
-    assert youden["test"]["specificity"] == pytest.approx(1.0)
+    # Youden on val: p >= 0.6 gives J = 3/4 + 1 - 1 = 0.75, the best. On test, seed 7 misses
+    # 0.35 (sensitivity 3/4, specificity 1); seed 8 misses 0.35 and 0.5 and calls 0.65 positive
+    # (sensitivity 1/2, specificity 1/2).
+    assert [m["threshold"] for m in youden["per_seed"].values()] == pytest.approx([0.6, 0.6])
+    assert youden["test"]["sensitivity"] == pytest.approx(0.625)
+    assert youden["test"]["specificity"] == pytest.approx(0.75)
+    assert youden["test"]["accuracy"] == pytest.approx((5 / 6 + 3 / 6) / 2)
+    assert youden["lowest_sensitivity"] == pytest.approx(0.5)
     assert youden["min_sensitivity"] is None
     # The most specific threshold with val sensitivity >= 0.75 is the same 0.6.
-    assert sens75["per_seed"][7]["threshold"] == pytest.approx(0.6)
     assert sens75["min_sensitivity"] == 0.75
-    # 0.5 calls 0.55 positive: specificity 1/2 on test.
+    assert sens75["test"] == pytest.approx(youden["test"])
+    # 0.5 calls 0.55 (seed 7) and 0.65 (seed 8) positive, and catches seed 8's 0.5.
     assert fixed["test"]["specificity"] == pytest.approx(0.5)
+    assert fixed["per_seed"][8]["sensitivity"] == pytest.approx(0.75)
     assert fixed["lowest_sensitivity"] == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize(
-    ("text", "match"), [("otsu", "must be one of"), ("sensitivity:high", "not a number")]
+    ("text", "match"),
+    [
+        ("otsu", "must be one of"),
+        ("sensitivity:high", "not a number"),
+        ("sensitivity:1.5", r"in \(0, 1\]"),
+        ("youden:0.9", "only the sensitivity rule"),
+    ],
 )
-def test_unknown_threshold_rules_are_refused(text, match):
-    with pytest.raises(ValueError, match=match):
-        ceiling._rule(text)
+def test_bad_threshold_rules_are_refused_by_name(text, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        ceiling._rule(text, 0.95)
+    assert repr(text) in str(caught.value)
 
 
 def test_rule_parsing():
-    assert ceiling._rule("sensitivity:0.97") == ("sensitivity", 0.97)
-    assert ceiling._rule("youden") == ("youden", 0.95)
+    assert ceiling._rule("sensitivity:0.97", 0.95) == ("sensitivity", 0.97)
+    assert ceiling._rule("sensitivity", 0.9) == ("sensitivity", 0.9)
+    assert ceiling._rule("youden", 0.95) == ("youden", 0.95)
+
+
+def test_a_bad_oracle_floor_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="--min-sensitivity"):
+        ceiling.main([str(tmp_path), "--min-sensitivity", "0"])
+
+
+def test_a_class_the_models_lack_is_refused_with_the_model_path(keep):
+    with pytest.raises(ValueError, match=r"--positive-class 2: .*seed1.*model\.keras outputs 2"):
+        ceiling.seed_probabilities(ceiling.seed_folders(keep), positive=2)
