@@ -120,6 +120,17 @@ def test_best_is_small_upsampled_to_64():
     assert C.load_config("best", overrides=["train.epochs=3"]).train.epochs == 3
 
 
+def test_presets_threshold_rules_are_the_documented_ones():
+    # README "How the automatic choices are made": small and best take the most specific
+    # threshold with validation sensitivity >= 0.95 (ablation, sixth round); smoke and the
+    # article's seed keep Youden's J.
+    for name in ("small", "best"):
+        settings = C.preset(name).evaluate
+        assert (settings.threshold_rule, settings.min_sensitivity) == ("sensitivity", 0.95)
+    for name in ("smoke", "seed"):
+        assert C.preset(name).evaluate.threshold_rule == "youden"
+
+
 def test_epochs_to_steps():
     assert C.epochs_to_steps(4, 74) == 296
     assert C.epochs_to_steps(0.5, 3) == 2
