@@ -82,6 +82,26 @@ def seed_probabilities(
     return labels, probs
 
 
+def _at_val_threshold(
+    labels: dict[str, np.ndarray],
+    val: np.ndarray,
+    test: np.ndarray,
+    rule: str,
+    min_sensitivity: float,
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """The pipeline's decision: a threshold chosen on validation, then metrics on both splits."""
+    from cycleprune import evaluation
+
+    threshold = evaluation.choose_threshold(
+        labels["val"], val, rule, min_sensitivity=min_sensitivity
+    )
+    return (
+        threshold,
+        evaluation.compute_metrics(labels["val"], val, threshold),
+        evaluation.compute_metrics(labels["test"], test, threshold),
+    )
+
+
 def ensemble_rows(
     labels: dict[str, np.ndarray],
     probs: dict[str, dict[int, np.ndarray]],
@@ -89,7 +109,6 @@ def ensemble_rows(
     min_sensitivity: float,
 ) -> list[dict[str, Any]]:
     """Per ensemble size k, the mean metrics over all k-subsets (threshold from validation)."""
-    from cycleprune import evaluation
 
     seeds = sorted(probs["val"])
     rows = []
@@ -98,11 +117,7 @@ def ensemble_rows(
         for subset in itertools.combinations(seeds, k):
             val = np.mean([probs["val"][s] for s in subset], axis=0)
             test = np.mean([probs["test"][s] for s in subset], axis=0)
-            threshold = evaluation.choose_threshold(
-                labels["val"], val, rule, min_sensitivity=min_sensitivity
-            )
-            on_val = evaluation.compute_metrics(labels["val"], val, threshold)
-            on_test = evaluation.compute_metrics(labels["test"], test, threshold)
+            _, on_val, on_test = _at_val_threshold(labels, val, test, rule, min_sensitivity)
             scores.append({"val_auc": on_val["auc"], **{key: on_test[key] for key in TEST_KEYS}})
         rows.append(
             {
@@ -121,16 +136,14 @@ def rule_rows(
     rules: list[tuple[str, float]],
 ) -> list[dict[str, Any]]:
     """Per ``(rule, min_sensitivity)``: each seed's test metrics at its validation threshold."""
-    from cycleprune import evaluation
 
     rows = []
     for rule, min_sensitivity in rules:
         per_seed = {}
         for seed, val in probs["val"].items():
-            threshold = evaluation.choose_threshold(
-                labels["val"], val, rule, min_sensitivity=min_sensitivity
+            threshold, _, on_test = _at_val_threshold(
+                labels, val, probs["test"][seed], rule, min_sensitivity
             )
-            on_test = evaluation.compute_metrics(labels["test"], probs["test"][seed], threshold)
             per_seed[seed] = {"threshold": threshold, **{k: on_test[k] for k in TEST_KEYS}}
         rows.append(
             {
