@@ -299,7 +299,7 @@ def run_compression(
         _representative_images(dataset_dir, config) if "int8" in quantizations else None
     )
     sparsity = kernel_sparsity(model)
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, replaces=_SIZES_FILE) as tmp:
         model.save(str(tmp / _KERAS_FILE))  # loaded uncompiled: no optimizer state
         entries = [_entry(tmp, _KERAS_FILE, "keras")]
         if config.compress.saved_model:

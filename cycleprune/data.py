@@ -152,6 +152,16 @@ def _check_split(info: DatasetInfo, split: str) -> None:
 # Reading prepared datasets
 
 
+def _holds(out_dir: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether the local folder ``out_dir`` is the local ``source`` or holds it."""
+    if storage.is_gcs(source) or os.fspath(out_dir).startswith("gs:/"):
+        return False
+    if not Path(source).exists():
+        return False
+    out, src = Path(out_dir).resolve(), Path(source).resolve()
+    return out == src or out in src.parents
+
+
 def load_info(dataset_dir: str | os.PathLike) -> DatasetInfo:
     """Read ``dataset.json`` of a prepared dataset and check that its shards exist.
 
@@ -164,6 +174,11 @@ def load_info(dataset_dir: str | os.PathLike) -> DatasetInfo:
     Raises:
         DataError: the folder has no (valid) ``dataset.json``, or a listed shard is missing.
     """
+    if os.fspath(dataset_dir).startswith("gs:/"):
+        raise DataError(
+            f"{dataset_dir}: a prepared dataset is read from a local folder, not a gs:// URI "
+            f"(on a cluster, KFP maps artifacts to /gcs/...)"
+        )
     folder = Path(dataset_dir)
     path = folder / INFO_FILE
     if not path.is_file():
@@ -512,7 +527,8 @@ def prepare_dataset(
 
     Args:
         source: A ``.npz`` file, an image folder tree, or a prepared dataset folder.
-        out_dir: Output folder; replaced as a whole, and left untouched on failure.
+        out_dir: Output folder: new, empty, or a prepared dataset (``dataset.json``), which is
+            replaced as a whole; left untouched on failure. It may not hold the source.
         config: Conversion, split, limit and shard settings.
 
     Returns:
@@ -522,6 +538,12 @@ def prepare_dataset(
         FileNotFoundError: ``source`` does not exist.
         DataError: the source is not usable (the message names the file, key or split).
     """
+    if _holds(out_dir, source):
+        raise DataError(
+            f"Output folder {out_dir} holds the source {source}: replacing it would delete the "
+            f"source; write the prepared dataset to another folder"
+        )
+    storage.check_output_dir(out_dir, replaces=INFO_FILE)
     path = Path(source)
     if storage.is_gcs(source):
         class_names, splits = _open_gcs(str(source), config)
@@ -540,7 +562,7 @@ def prepare_dataset(
             f"(<root>/<split>/<class>/*.png|jpg) or a prepared dataset folder"
         )
     plan = _plan(class_names, splits, config)
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, replaces=INFO_FILE) as tmp:
         shards, shape = _write(tmp, plan, config)
         counts = {
             split: {name: int(np.sum(labels == i)) for i, name in enumerate(class_names)}
@@ -880,6 +902,14 @@ def _entries(folder: Path, real_root: str) -> list[Path]:
         if name.startswith("."):
             continue
         path = folder / name
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            # os.listdir keeps undecodable bytes as surrogates; later writes (JSON, HTML) fail.
+            raise DataError(
+                f"{os.fsencode(path)!r} is not a UTF-8 name: rename it (an archive unpacked "
+                f"with another encoding?)"
+            ) from None
         if path.is_symlink():
             target = os.path.realpath(path)
             if os.path.commonpath([target, real_root]) != real_root:

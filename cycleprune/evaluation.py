@@ -501,7 +501,7 @@ def run_evaluation(
     test_x, test_y = data.load_arrays(str(dataset_dir), "test")
     labels = _class_labels(info.class_names, settings.positive_class)
     results = []
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, replaces=_METRICS_FILE) as tmp:
         for candidate in candidates:
             file = Path(candidate["file"])
             model = file if file.suffix == ".tflite" else _load_keras(file)

@@ -46,6 +46,8 @@ SWEEP_NAME = "sweep"
 SWEEP_STATE = "sweep.json"
 DEFAULT_CHECKPOINT_EVERY = 10
 
+_RESULT_FILE = "lr_finder.json"
+
 
 class LRFinderError(ValueError):
     """The LR range test produced no usable curve (no descent, too few points, no data).
@@ -633,7 +635,8 @@ def run_lr_finder(
 
     Args:
         dataset_dir: A prepared dataset (:func:`cycleprune.data.prepare_dataset`).
-        out_dir: Output folder (replaced as a whole).
+        out_dir: Output folder: new, empty, or a previous output (``lr_finder.json``), which is
+            replaced as a whole (checked before the sweep).
         config: The run configuration (``train.deterministic``: see
             :func:`cycleprune.training.enable_determinism`).
         checkpoint_dir: Where the sweep checkpoints itself, so that a rerun resumes it (see
@@ -653,6 +656,7 @@ def run_lr_finder(
     """
     from cycleprune import data, distribution, losses, models, plots, precision, storage, training
 
+    storage.check_output_dir(out_dir, replaces=_RESULT_FILE)
     if config.train.deterministic:
         training.enable_determinism(config.train.seed)
     strategy = strategy if strategy is not None else distribution.select_strategy()
@@ -718,8 +722,8 @@ def run_lr_finder(
             suggested_min_lr=result.min_lr,
             suggested_max_lr=result.max_lr,
         )
-    with storage.atomic_dir(out_dir) as tmp:
-        storage.atomic_write_json(Path(tmp) / "lr_finder.json", result.to_dict())
+    with storage.atomic_dir(out_dir, replaces=_RESULT_FILE) as tmp:
+        storage.atomic_write_json(Path(tmp) / _RESULT_FILE, result.to_dict())
         plots.plot_lr_finder(
             result.lrs,
             result.losses,

@@ -692,7 +692,7 @@ def build_run(out_dir: str | os.PathLike, stages: StageOutputs, config: Config) 
         push=storage.read_json(stages.push) if stages.push else None,
         configure_seconds=stages.configure_seconds,
     )
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, replaces="summary.json") as tmp:
         for variant, folder in sorted(stages.models.items()):
             shutil.copytree(folder, tmp / "models" / variant)
         for name, folder in sorted(stages.tensorboard.items()):

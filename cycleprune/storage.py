@@ -3,7 +3,10 @@
 Every stage writes through these helpers: a file appears under its final name only once it is
 complete (write to a temporary sibling, flush, ``os.replace``), and a folder output is built in a
 temporary sibling folder and renamed into place as a whole. A crash leaves at most a ``.tmp-*``
-sibling, which readers ignore and the next writer removes.
+sibling, which readers ignore and the next writer of the same name removes once it is older than
+:data:`STALE_SECONDS` (a younger one may belong to a writer still at work). A folder output
+replaces an existing folder only if that folder is empty or holds the file every output of its
+kind has (``replaces``), so a mistyped ``--out`` never deletes somebody else's files.
 
 The second half is one interface for local paths and ``gs://bucket/prefix`` URIs (read, write,
 list, copy, publish a prefix with a manifest written last, compare-and-swap one object); see the
@@ -15,13 +18,46 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+# A temporary sibling older than this is a crashed writer's leftover (no write takes this long).
+STALE_SECONDS = 6 * 3600
+
+
+def _local_path(path: str | os.PathLike) -> Path:
+    """``path`` as a local Path; a ``gs://`` URI (or one that ``Path`` folded to ``gs:/``) is an
+    error, not a local folder named ``gs:`` that vanishes with the pod."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith("gs:/"):
+        raise ValueError(
+            f"{text} is a gs:// URI, but this output is written to a local folder: give a local "
+            f"path (on a cluster, KFP maps artifacts to /gcs/...; publish with `cycleprune push`)"
+        )
+    return Path(path)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove crashed writers' temporary siblings of ``name`` (see :data:`STALE_SECONDS`)."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX + name)}\.(?:[A-Za-z0-9_]{{8}}|old-\d+)")
+    cutoff = time.time() - STALE_SECONDS
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not pattern.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
 
 
 @contextlib.contextmanager
@@ -31,8 +67,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
     The file is flushed and fsynced before the rename; on an exception it is removed and
     ``path`` is left as it was. Readers see the old file or the whole new one, never a part.
     """
-    path = Path(path)
+    path = _local_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     try:
         # mkstemp makes the file owner-only; give it the mode a plain open() would.
@@ -56,6 +93,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def _umask() -> int:
+    # Read it where the kernel shows it: setting the umask to read it would briefly apply 0 to
+    # files that other threads (TensorFlow's writers) create meanwhile.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -75,10 +118,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"Missing file: {path}") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
@@ -91,18 +134,44 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def check_output_dir(
+    path: str | os.PathLike, *, overwrite: bool = True, replaces: str | None = None
+) -> Path:
+    """Raise unless :func:`atomic_dir` may write ``path`` (same arguments); return it as a Path.
+
+    Stages call it before their work too, so that a refused folder costs no compute.
+    """
+    path = _local_path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output folder {path} is a file")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"Output folder already exists and is not empty: {path}")
+        if replaces is None or not (path / replaces).exists():
+            what = f"no {replaces} of a previous output" if replaces else "files of its own"
+            raise FileExistsError(
+                f"Output folder {path} is not empty and holds {what}; refusing to replace it "
+                f"(choose a new or empty folder, or remove it yourself)"
+            )
+    return path
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike, *, overwrite: bool = True, replaces: str | None = None
+) -> Iterator[Path]:
     """Build a folder in a temporary sibling and move it to ``path`` only if the block succeeds.
 
     Yields the temporary folder to write into. On an exception it is removed and ``path`` is left
-    as it was. With ``overwrite``, an existing ``path`` is replaced; otherwise it is an error.
-    ``path`` may exist as an empty folder (KFP creates artifact folders before the component runs).
+    as it was. ``path`` may exist as an empty folder (KFP creates artifact folders before the
+    component runs). A non-empty ``path`` is replaced only with ``overwrite`` and only if it holds
+    ``replaces``, the file (or folder) every output of this kind has (a previous run's output):
+    any other folder is an error (:func:`check_output_dir`), raised before the block runs, and
+    nothing in it is touched.
     """
-    path = Path(path)
+    path = check_output_dir(path, overwrite=overwrite, replaces=replaces)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder already exists and is not empty: {path}")
+    _remove_stale(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
@@ -712,7 +781,7 @@ def write_prefix(
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     if not is_gcs(uri):
-        with _local_errors(uri, "write"), atomic_dir(uri) as tmp:
+        with _local_errors(uri, "write"), atomic_dir(uri, replaces=MANIFEST) as tmp:
             for name in names:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(local_dir / name, tmp / name)
@@ -803,7 +872,7 @@ def read_prefix(
             raise ObjectNotFoundError(
                 f"{uri} has no {', '.join(sorted(set(wanted) - found))} (per its {MANIFEST})"
             )
-    with atomic_dir(local_dir) as tmp:
+    with atomic_dir(local_dir, replaces=MANIFEST) as tmp:
         for entry in entries:
             source = join_uri(uri, entry["path"])
             target = download_file(source, tmp / entry["path"])

@@ -865,7 +865,8 @@ def write_outputs(
     model_path = save_model(model, out_dir / "model.keras")
     storage.atomic_write_json(out_dir / "history.json", history)
     if tensorboard_src is not None and Path(tensorboard_src).is_dir():
-        with storage.atomic_dir(out_dir / TENSORBOARD_DIR) as tmp:
+        # _ScalarWriter's layout: every log folder has train/.
+        with storage.atomic_dir(out_dir / TENSORBOARD_DIR, replaces="train") as tmp:
             shutil.copytree(tensorboard_src, tmp, dirs_exist_ok=True)
     return model_path
 

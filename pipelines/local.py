@@ -317,7 +317,7 @@ def run_local(
 
     run_artifact = task.output
     kfp_run = Path(run_artifact.path).parents[1]
-    with storage.atomic_dir(run_dir) as tmp:
+    with storage.atomic_dir(run_dir, replaces="summary.json") as tmp:
         shutil.copytree(run_artifact.path, tmp, dirs_exist_ok=True)
         if log_path is not None:
             shutil.copyfile(log_path, Path(tmp) / "pipeline.log")

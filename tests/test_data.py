@@ -465,6 +465,13 @@ def _too_big(root: Path) -> Path:
     return _save(root / "val" / "PNEUMONIA" / "huge.png", "L", (12, 12), 10)
 
 
+def _not_utf8_name(root: Path) -> Path:
+    # A class folder named in latin-1 (an archive unpacked with another encoding).
+    folder = os.fsdecode(os.fsencode(root / "train") + b"/PNEUMON\xcdA")
+    os.rename(root / "train" / "PNEUMONIA", folder)
+    return root / "train"
+
+
 def _sixteen_bit(root: Path) -> Path:
     path = root / "val" / "PNEUMONIA" / "deep.png"
     Image.fromarray(np.full((10, 10), 4000, np.uint16)).save(path)
@@ -485,6 +492,7 @@ BAD_FOLDERS = {
     "mixed sizes": (_mixed_sizes, r"shape \(10, 12, 1\), expected \(10, 10, 1\)"),
     "too many pixels": (_too_big, "more than the limit of 120"),
     "16-bit image": (_sixteen_bit, "mode 'I;16'"),
+    "class folder name not UTF-8": (_not_utf8_name, r"PNEUMON\\xcdA' is not a UTF-8 name"),
 }
 
 
@@ -515,7 +523,26 @@ def test_failure_keeps_the_previous_output(prepared, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_output_folder_that_holds_the_source_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    src = _npz(folder / "src.npz", _arrays())
+    before = src.read_bytes()
+    with pytest.raises(DataError, match=r"holds the source .*src\.npz"):
+        data.prepare_dataset(src, folder, DataConfig())
+    # A folder that is not a prepared dataset is never replaced, source or not.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"notes is not empty and holds no dataset\.json"):
+        data.prepare_dataset(src, tmp_path / "notes", DataConfig())
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["src.npz"]
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
 def test_load_info_errors(tmp_path, prepared):
+    with pytest.raises(DataError, match=r"gs://b/ds: a prepared dataset is read from a local"):
+        data.load_info("gs://b/ds")
     with pytest.raises(DataError, match=r"has no dataset\.json"):
         data.load_info(tmp_path)
     (tmp_path / "dataset.json").write_text('{"class_names": ["a", "b"]}')

@@ -265,6 +265,21 @@ def test_run_lr_finder_writes_nothing_when_it_fails(tiny_dataset, tmp_path, monk
     assert not list(tmp_path.iterdir())
 
 
+def test_run_lr_finder_refuses_a_foreign_output_folder_before_sweeping(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("swept although the output folder would be refused")
+
+    monkeypatch.setattr(lr_finder, "find_lr", no_sweep)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"mine is not empty and holds no lr_finder\.json"):
+        lr_finder.run_lr_finder(tiny_dataset, out, _smoke_config())
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_configured_bounds_win_and_survive_a_curve_without_descent(
     tiny_dataset, tmp_path, monkeypatch
 ):

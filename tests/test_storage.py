@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +25,7 @@ def test_atomic_dir_replaces_whole_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with storage.atomic_dir(out) as tmp:
+    with storage.atomic_dir(out, replaces="old.txt") as tmp:
         (tmp / "new.txt").write_text("new")
         assert not (out / "new.txt").exists()  # invisible until the block ends
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
@@ -34,7 +36,10 @@ def test_atomic_dir_failure_leaves_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("keep")
-    with pytest.raises(RuntimeError, match="boom"), storage.atomic_dir(out) as tmp:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        storage.atomic_dir(out, replaces="keep.txt") as tmp,
+    ):
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -49,6 +54,78 @@ def test_atomic_dir_refuses_non_empty_without_overwrite(tmp_path):
         storage.atomic_dir(tmp_path / "out", overwrite=False),
     ):
         pass
+
+
+@pytest.mark.parametrize("replaces", [None, "dataset.json"])
+def test_atomic_dir_never_replaces_a_folder_that_is_not_its_output(tmp_path, replaces):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "source.npz").write_bytes(b"precious")
+    ran = []
+    with (
+        pytest.raises(FileExistsError, match=r"data is not empty and holds .*refusing"),
+        storage.atomic_dir(out, replaces=replaces),
+    ):
+        ran.append(True)
+    assert ran == []  # refused before the block: no work is done and then thrown away
+    assert (out / "source.npz").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    (out / "dataset.json").write_text("{}")  # a previous output of this kind
+    with storage.atomic_dir(out, replaces="dataset.json") as tmp:
+        (tmp / "dataset.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json"]
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/ds", Path("gs://bucket/ds")])
+def test_local_writers_refuse_gcs_uris(tmp_path, monkeypatch, uri):
+    # Path("gs://b/x") folds to "gs:/b/x": written as is, it would be a local folder "gs:".
+    monkeypatch.chdir(tmp_path)
+    with (
+        pytest.raises(ValueError, match=r"gs:/+bucket/ds is a gs:// URI"),
+        storage.atomic_dir(uri),
+    ):
+        pass
+    with pytest.raises(ValueError, match="gs:// URI"):
+        storage.atomic_write_text(uri, "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writers_remove_stale_temporaries_of_their_own_name_only(tmp_path):
+    old = time.time() - storage.STALE_SECONDS - 60
+    stale_dir = tmp_path / ".tmp-out.abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "half.bin").write_bytes(b"x" * 10)
+    stale_old = tmp_path / ".tmp-out.old-4242"
+    stale_old.mkdir()
+    young = tmp_path / ".tmp-out.zzzz9999"  # maybe a writer still at work
+    young.mkdir()
+    other = tmp_path / ".tmp-out.keras.abcd1234"  # another name's temporary
+    other.write_bytes(b"y")
+    stale_file = tmp_path / ".tmp-m.json.q1w2e3r4"
+    stale_file.write_bytes(b"{")
+    for path in (stale_dir, stale_old, other, stale_file):
+        os.utime(path, (old, old))
+    with storage.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    storage.atomic_write_json(tmp_path / "m.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", "m.json", young.name, other.name]
+    )
+
+
+def test_umask_is_read_without_changing_it():
+    mask = os.umask(0o027)
+    try:
+        assert storage._umask() == 0o027
+    finally:
+        os.umask(mask)
+
+
+def test_read_json_names_a_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "dataset.json"
+    bad.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match=r"dataset\.json is not valid JSON"):
+        storage.read_json(bad)
 
 
 def test_read_json_names_the_file(tmp_path):
