@@ -1,9 +1,17 @@
 """Pipeline parameters <-> :class:`~cycleprune.config.Config`.
 
-The run form of the pipeline shows the article's hyperparameters as parameters; everything else
-comes from a preset or ``extra_config``. :func:`build_config` resolves them in this order: the
-``preset``, then each explicit parameter (:data:`PARAMETERS`), then ``extra_config`` (YAML or JSON
-sections). :func:`pipeline_arguments` is the inverse, for running a given ``Config`` as a pipeline.
+The run form of the pipeline shows the article's hyperparameters as parameters, with the article's
+values as defaults (:data:`FORM_DEFAULTS`); everything else comes from a preset or
+``extra_config``. :func:`build_config` resolves them in this order: the ``preset``, then each
+explicit parameter (:data:`PARAMETERS`), then ``extra_config`` (YAML or JSON sections).
+
+A parameter left at its form default takes the *preset's* value, so choosing ``preset: small`` in
+the form runs ``small`` and not ``small`` under the article's batch size, width, loss and schedule
+(with the default ``preset: seed`` the two are the same values). Only ``class_names`` and
+``sparsities`` (:data:`ALWAYS_APPLIED`), the pipeline's own choices for the bundled data and the
+fan-out, always apply. A value equal to a form default can still be forced under another preset
+through ``extra_config``. :func:`pipeline_arguments` is the inverse, for running a given
+``Config`` as a pipeline.
 
 No kfp import: the ``configure`` component imports this module inside its container, where
 ``kfp.dsl`` is the slim runtime.
@@ -40,6 +48,24 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "prune_end_epoch": ("prune.end_epoch",),
     "prune_frequency": ("prune.frequency",),
 }
+
+# The run form's defaults: the article's hyperparameters (the `seed` preset), except for the
+# pipeline's own choices: named PneumoniaMNIST classes, the article's sparsity plus two more, and
+# prune_end_epoch 0 = the preset's ramp, or all fine-tuning epochs when prune_epochs is set.
+_SEED = preset("seed").to_dict()
+FORM_DEFAULTS: dict[str, Any] = {
+    name: _SEED[fields[0].split(".")[0]][fields[0].split(".")[1]]
+    for name, fields in PARAMETERS.items()
+}
+FORM_DEFAULTS.update(
+    class_names=["normal", "pneumonia"],
+    class_weight=json.dumps(FORM_DEFAULTS["class_weight"]),
+    sparsities=[0.5, 0.75, 0.9],
+    prune_end_epoch=0,
+)
+# Parameters applied even at their form default: they describe the bundled data and the fan-out,
+# not a preset's recipe.
+ALWAYS_APPLIED = frozenset({"class_names", "sparsities"})
 
 # The DataConfig fields that change what prepare_dataset writes (batching and augmentation
 # happen later, in make_dataset).
@@ -82,14 +108,28 @@ def _merge(preset_name: str, params: Mapping[str, Any]) -> dict[str, dict[str, A
         raise ValueError(f"Unknown pipeline parameter(s): {', '.join(unknown)}")
     data = preset(preset_name).to_dict()
     for name, value in params.items():
+        if name not in ALWAYS_APPLIED and _same(value, FORM_DEFAULTS[name]):
+            continue  # left at the form's default: the preset's value stands
         if name == "class_weight":
             value = _parse_class_weight(value)
         for field in PARAMETERS[name]:
             section, key = field.split(".")
             data[section][key] = value
-    if data["prune"]["end_epoch"] == 0:
-        data["prune"]["end_epoch"] = data["prune"]["epochs"]
+    if params.get("prune_end_epoch", 0) == 0:
+        # The preset's ramp, unless prune_epochs is set: then the ramp spans all of them.
+        epochs = params.get("prune_epochs", FORM_DEFAULTS["prune_epochs"])
+        if not _same(epochs, FORM_DEFAULTS["prune_epochs"]):
+            data["prune"]["end_epoch"] = data["prune"]["epochs"]
     return data
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether a form value is its default (class_weight as text or parsed; 1 == 1.0)."""
+    if isinstance(default, str) and default.startswith("["):
+        return _parse_class_weight(value) == _parse_class_weight(default)
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
 
 
 def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str = "") -> Config:
@@ -97,8 +137,10 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
 
     Args:
         preset_name: Base preset (``smoke``, ``small``, ``best``, ``seed``).
-        params: Pipeline parameter values keyed as in :data:`PARAMETERS` (any subset).
-            ``prune_end_epoch=0`` means "ramp over all ``prune_epochs``".
+        params: Pipeline parameter values keyed as in :data:`PARAMETERS` (any subset). One
+            equal to its :data:`FORM_DEFAULTS` entry leaves the preset's value, except for
+            :data:`ALWAYS_APPLIED`. ``prune_end_epoch=0`` means the preset's end of the sparsity
+            ramp, or all fine-tuning epochs when ``prune_epochs`` is set.
         extra_config: YAML/JSON ``{section: {field: value}}`` applied last. It may not change
             ``prune.sparsities``: the pipeline fans out over the ``sparsities`` parameter.
 

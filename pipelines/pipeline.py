@@ -67,6 +67,7 @@ from components.compress import compress
 from components.configure import configure
 from components.evaluate import evaluate
 from components.find_lr import find_lr
+from components.parameters import FORM_DEFAULTS
 from components.prepare_data import prepare_data
 from components.prune import prune
 from components.push import push
@@ -175,26 +176,26 @@ def build_pipeline(
     def cycleprune_pipeline(
         source: str = DEFAULT_SOURCE,
         preset: str = "seed",
-        class_names: list = ["normal", "pneumonia"],  # noqa: B006 (KFP reads the default)
-        batch_size: int = 32,
-        augment: bool = True,
-        class_weight: str = "[1.0, 0.33]",
-        seed: int = 42,
-        width: float = 1.0,
-        min_lr: float = 0.001,
-        max_lr: float = 0.1,
-        lr_policy: str = "triangular",
-        step_size_epochs: float = 4.0,
-        epochs: int = 32,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        loss: str = "focal",
-        focal_gamma: float = 2.0,
-        focal_alpha: float = 0.25,
-        sparsities: list = [0.5, 0.75, 0.9],  # noqa: B006 (KFP reads the default)
-        prune_epochs: int = 8,
-        prune_end_epoch: int = 0,
-        prune_frequency: int = 100,
+        class_names: list = FORM_DEFAULTS["class_names"],
+        batch_size: int = FORM_DEFAULTS["batch_size"],
+        augment: bool = FORM_DEFAULTS["augment"],
+        class_weight: str = FORM_DEFAULTS["class_weight"],
+        seed: int = FORM_DEFAULTS["seed"],
+        width: float = FORM_DEFAULTS["width"],
+        min_lr: float = FORM_DEFAULTS["min_lr"],
+        max_lr: float = FORM_DEFAULTS["max_lr"],
+        lr_policy: str = FORM_DEFAULTS["lr_policy"],
+        step_size_epochs: float = FORM_DEFAULTS["step_size_epochs"],
+        epochs: int = FORM_DEFAULTS["epochs"],
+        optimizer: str = FORM_DEFAULTS["optimizer"],
+        momentum: float = FORM_DEFAULTS["momentum"],
+        loss: str = FORM_DEFAULTS["loss"],
+        focal_gamma: float = FORM_DEFAULTS["focal_gamma"],
+        focal_alpha: float = FORM_DEFAULTS["focal_alpha"],
+        sparsities: list = FORM_DEFAULTS["sparsities"],
+        prune_epochs: int = FORM_DEFAULTS["prune_epochs"],
+        prune_end_epoch: int = FORM_DEFAULTS["prune_end_epoch"],
+        prune_frequency: int = FORM_DEFAULTS["prune_frequency"],
         extra_config: str = "",
         checkpoint_root: str = "",
         gpus: int = default_gpus,
@@ -213,9 +214,11 @@ def build_pipeline(
             source: Dataset: a .npz (MedMNIST layout), an image-folder root
                 (<root>/<split>/<class>/*.png) or a prepared dataset folder, as a path in the
                 container (default: the bundled PneumoniaMNIST).
-            preset: Base configuration for every field not set here: seed (the article),
-                small, best (small with the images upsampled to 64x64 in the model, about
-                three times the run time) or smoke.
+            preset: Base configuration: seed (the article), small, best (small with the
+                images upsampled to 64x64 in the model, about three times the run time) or
+                smoke. Every parameter below left at its default (the article's value) takes
+                this preset's value instead; class_names and sparsities always apply. To force
+                a value equal to a default under another preset, use extra_config.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ...
@@ -239,8 +242,9 @@ def build_pipeline(
             focal_alpha: Focal loss balance parameter alpha.
             sparsities: Target sparsities; one prune -> compress -> evaluate branch each.
             prune_epochs: Fine-tuning epochs while pruning.
-            prune_end_epoch: Epoch at which the sparsity ramp reaches its target; 0 = the last
-                fine-tuning epoch.
+            prune_end_epoch: Epoch at which the sparsity ramp reaches its target; 0 = the
+                preset's (seed: the last fine-tuning epoch), or the last fine-tuning epoch when
+                prune_epochs is set.
             prune_frequency: Prune every this many steps.
             extra_config: YAML or JSON sections for any other config field, applied last, e.g.
                 {evaluate: {threshold_rule: f1}, compress: {quantizations: [int8]}}.

@@ -16,7 +16,13 @@ from components.compress import compress
 from components.configure import configure
 from components.evaluate import evaluate
 from components.find_lr import find_lr
-from components.parameters import PARAMETERS, build_config, data_config, pipeline_arguments
+from components.parameters import (
+    FORM_DEFAULTS,
+    PARAMETERS,
+    build_config,
+    data_config,
+    pipeline_arguments,
+)
 from components.prepare_data import prepare_data
 from components.prune import prune
 from components.push import push
@@ -95,7 +101,7 @@ def test_configure_applies_preset_then_parameters_then_extra_config(tmp_path, co
     assert resolved["train"]["epochs"] == 6  # extra_config comes last
     assert resolved["data"]["class_weight"] == "balanced"
     assert resolved["data"]["seed"] == resolved["train"]["seed"] == 7
-    assert resolved["prune"]["end_epoch"] == 3  # 0 = all fine-tuning epochs
+    assert resolved["prune"]["end_epoch"] == 3  # 0 with prune_epochs set: all of them
     assert resolved["evaluate"]["threshold_rule"] == "f1"
     assert resolved["data"]["limit"] == 192  # from the preset
 
@@ -121,6 +127,35 @@ def test_data_config_ignores_training_settings(tmp_path, config):
 def test_configure_rejects_bad_values(tmp_path, config, changes, message):
     with pytest.raises(ValueError, match=message):
         run_configure(tmp_path, config, **changes)
+
+
+@pytest.mark.parametrize("name", ["seed", "small", "best", "smoke"])
+def test_the_run_form_left_at_its_defaults_runs_the_chosen_preset(name):
+    # The form shows the article's values; choosing another preset must not keep them.
+    resolved = build_config(name, FORM_DEFAULTS).to_dict()
+    expected = preset(name).to_dict()
+    expected["data"]["class_names"] = ["normal", "pneumonia"]  # always applied
+    expected["prune"]["sparsities"] = [0.5, 0.75, 0.9]
+    assert resolved == expected
+
+
+def test_a_changed_form_value_wins_over_the_preset():
+    changed = {**FORM_DEFAULTS, "batch_size": 16, "loss": "crossentropy", "momentum": 0.0}
+    config = build_config("small", changed)
+    assert (config.data.batch_size, config.train.loss, config.train.momentum) == (
+        16,
+        "crossentropy",
+        0.0,
+    )
+    assert config.model.width == preset("small").model.width  # still at its default
+    # prune_end_epoch 0: the preset's ramp (small: 9 of 12), or all of a changed prune_epochs.
+    assert build_config("small", FORM_DEFAULTS).prune.end_epoch == 9
+    assert build_config("small", {**FORM_DEFAULTS, "prune_epochs": 16}).prune.end_epoch == 16
+    assert build_config("seed", {**FORM_DEFAULTS, "prune_epochs": 10}).prune.end_epoch == 10
+    assert build_config("small", {**FORM_DEFAULTS, "prune_end_epoch": 5}).prune.end_epoch == 5
+    # A value equal to a form default is forced under another preset through extra_config.
+    forced = build_config("small", FORM_DEFAULTS, "data: {batch_size: 32}")
+    assert forced.data.batch_size == 32
 
 
 def test_every_parameter_sets_its_fields():
