@@ -196,17 +196,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     registry = str(args.registry or "")
     if registry and not registry.startswith("gs://"):
         registry = str(Path(registry).resolve())
+    if not source.startswith("gs://") and not Path(source).exists():
+        raise FileNotFoundError(f"Data source not found: {source}")
     started = time.monotonic()
-    summary = local.run_local(
-        config,
-        source=source,
-        out_dir=str(args.out) if args.out else None,
-        stream_logs=args.verbose,
-        registry=registry,
-        model_name=args.model_name,
-        gate=_gate(args),
-        enable_caching=not args.no_cache,
-    )
+    try:
+        summary = local.run_local(
+            config,
+            source=source,
+            out_dir=str(args.out) if args.out else None,
+            stream_logs=args.verbose,
+            registry=registry,
+            model_name=args.model_name,
+            gate=_gate(args),
+            enable_caching=not args.no_cache,
+        )
+    except local.PipelineRunError as err:
+        print(f"error: {redaction.format_error(err)}", file=sys.stderr)
+        return 1
     print()
     print(local.format_table(summary))
     print()

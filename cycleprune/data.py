@@ -663,6 +663,17 @@ def _stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
 
 
 def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Split]]:
+    # numpy calls anything that is neither a zip nor a .npy "pickled (object) data" and suggests
+    # allow_pickle: say what the file is instead.
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err}") from err
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise DataError(
+            f"{path} is not a .npz archive (a zip of .npy arrays): its first bytes are {head!r}"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except _NPZ_ERRORS as err:

@@ -51,6 +51,7 @@ from pipelines.pipeline import UNCACHED_STAGES, build_pipeline
 
 __all__ = [
     "DEFAULT_PIPELINE_ROOT",
+    "PipelineRunError",
     "code_digest",
     "format_table",
     "hide_docker_folder",
@@ -75,6 +76,32 @@ _LOCAL_NOISE = (
 def _stage(task_name: str) -> str:
     """kfp task name -> component name: ``compress-2`` -> ``compress``."""
     return re.sub(r"-\d+$", "", task_name).replace("-", "_")
+
+
+class PipelineRunError(RuntimeError):
+    """A task of a local run failed: the message names the task, its error and the log file."""
+
+
+# The last line of a Python traceback: "module.SomeError: message".
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def _task_error(log: str, task: str) -> str | None:
+    """The exception line of ``task``'s traceback in a kfp.local log, if there is one."""
+    lines = _ANSI.sub("", log).splitlines()
+    end = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if f"Task '{task}' finished with status FAILURE" in line
+        ),
+        len(lines),
+    )
+    for line in reversed(lines[:end]):
+        match = _ERROR_LINE.match(line)
+        if match:
+            return match.group(1).strip()
+    return None
 
 
 class _Tracker(logging.Filter):
@@ -191,11 +218,21 @@ def _print_line(line: str) -> None:
     stream.flush()
 
 
-def _log_tail(path: Path, lines: int = 60) -> str:
-    with contextlib.suppress(OSError):
-        text = _ANSI.sub("", path.read_text(errors="replace"))
-        return "\n".join(text.splitlines()[-lines:])
-    return ""
+def _run_error(message: str, root: Path, log_path: Path | None) -> PipelineRunError:
+    """The cause first (the failed task and its exception), then where to read more."""
+    failed = re.search(r"Inner task failed: '([^']+)'", message)
+    where = f"Task outputs are under {root}."
+    if log_path is None:  # the logs were streamed above
+        cause = message
+    else:
+        sys.stdout.flush()
+        where = f"Full log: {log_path}. {where}"
+        text = ""
+        with contextlib.suppress(OSError):
+            text = log_path.read_text(errors="replace")
+        error = _task_error(text, failed.group(1)) if failed else None
+        cause = f"task {failed.group(1)} failed: {error}" if failed and error else message
+    return PipelineRunError(f"{cause} ({where})")
 
 
 def _utc_stamp() -> str:
@@ -251,8 +288,9 @@ def run_local(
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
-        RuntimeError: a task failed (the message ends with the log's last lines and names the
-            log file; the task's outputs stay under ``pipeline_root``).
+        PipelineRunError: a task failed. One line names the task and its exception (kfp's
+            message when the log holds none) and the log file; the task's outputs stay under
+            ``pipeline_root``.
     """
     run_dir = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_DIR / _utc_stamp()
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -306,13 +344,7 @@ def run_local(
                 )
                 task = pipeline(**arguments)
             except RuntimeError as err:
-                message = _ANSI.sub("", str(err))
-                where = f"Task outputs are under {root}."
-                if log_path is not None:
-                    sys.stdout.flush()
-                    tail = _log_tail(log_path)
-                    where += f" Full log: {log_path}. Its last lines:\n{tail}"
-                raise RuntimeError(f"{message} {where}") from None
+                raise _run_error(_ANSI.sub("", str(err)), root, log_path) from None
     wall = time.monotonic() - started
 
     run_artifact = task.output

@@ -131,6 +131,51 @@ def test_tracker_reads_kfp_local_logs():
     ]
 
 
+def test_task_error_is_the_failed_tasks_exception_line():
+    log = "\n".join(
+        [
+            "    Traceback (most recent call last):",
+            "    ValueError: an earlier task's error, not this one",
+            "Task 'train' finished with status \x1b[92mSUCCESS\x1b[0m",
+            "    Traceback (most recent call last):",
+            '      File "/app/cycleprune/data.py", line 9, in prepare_dataset',
+            "    cycleprune.data.DataError: /d/x.npz is not a .npz archive",
+            "",
+            "12:00:00.000 - ERROR - Task \x1b[96m'prepare-data'\x1b[0m finished with status "
+            "\x1b[91mFAILURE\x1b[0m",
+            "Skipping task find-lr: upstream task(s) ['prepare-data'] failed.",
+        ]
+    )
+    assert local_run._task_error(log, "prepare-data") == (
+        "cycleprune.data.DataError: /d/x.npz is not a .npz archive"
+    )
+    assert local_run._task_error("no traceback here", "prepare-data") is None
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:Task .* have no effect:UserWarning")
+def test_a_failed_run_is_one_error_line_naming_task_cause_and_log(tmp_path, capsys, monkeypatch):
+    from cycleprune import cli
+
+    monkeypatch.chdir(tmp_path)  # kfp.local's root: runs/.kfp-root under the working folder
+
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an archive")
+    code = cli.main(
+        ["run", "--preset", "smoke", "--source", str(bad), "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert err.startswith("error: task prepare-data failed: cycleprune.data.DataError: ")
+    assert f"{bad} is not a .npz archive" in err
+    log = err.split("Full log: ", 1)[1].split(". Task outputs", 1)[0]
+    assert Path(log).is_file() and "Traceback" in Path(log).read_text()
+    assert not (tmp_path / "o").exists()  # no run folder for a failed run
+    missing = cli.main(["run", "--preset", "smoke", "--source", str(tmp_path / "nope.npz")])
+    assert missing == 2  # checked before kfp.local starts
+    assert "Data source not found: " in capsys.readouterr().err
+
+
 def test_run_local_refuses_a_non_empty_run_folder(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
