@@ -515,6 +515,17 @@ def _run_pruning(
         # tfmot's wrappers count their pruning step in the graph (UpdatePruningStep has no
         # per-batch hook), so the sparsity schedule is per step however many run per call.
         steps_per_execution=config.train.steps_per_execution,
+        # The sparsity schedule lives in the wrappers, not the optimizer: a resume must share it
+        # (more fine-tuning epochs may be added, as in training).
+        resume_key={
+            "dataset": info.version,
+            "final_sparsity": target,
+            "prune": {
+                k: v
+                for k, v in dataclasses.asdict(prune).items()
+                if k not in ("sparsities", "epochs")
+            },
+        },
     )
     best = select_checkpoint(result.checkpoints, goal, DEFAULT_TOLERANCE)
     if not best["reached_target"]:

@@ -125,6 +125,11 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
+def to_json_value(obj: Any) -> Any:
+    """``obj`` as plain JSON values, as it would be read back (numpy values, Paths converted)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(value: Any) -> Any:
     # numpy scalars and arrays, Paths: the usual suspects in metrics.
     if hasattr(value, "tolist"):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -63,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "ckpt"
 PARTIAL_DIR = "partial"
+# The settings a checkpoint folder's run was started with; a resume must share them (fit).
+RUN_KEY_FILE = "run.json"
 PARTIAL_NAME = "step"
 PARTIAL_STATE = "state.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -392,6 +395,7 @@ def fit(
     handle_sigterm: bool = True,
     on_checkpoint: Callable[[], None] | None = None,
     steps_per_execution: int = 1,
+    resume_key: dict[str, Any] | None = None,
 ) -> FitResult:
     """Compile and train ``model`` with checkpoints, exact resume, SIGTERM and divergence checks.
 
@@ -457,6 +461,12 @@ def fit(
             Above 1, ``extra_callbacks`` with per-batch hooks and validation data of unknown
             length are refused (tfmot's ``UpdatePruningStep`` has no per-batch hook: the
             pruning wrappers count their step in the graph).
+        resume_key: More JSON-able settings that a resumed run must share with the run that
+            wrote the checkpoints (e.g. the dataset's version, the pruning target), beside
+            ``steps_per_epoch`` and the optimizer's configuration (its LR schedule included),
+            which are always compared. They are kept in ``checkpoint_dir/run.json``; resuming
+            under different ones is refused, naming the setting, rather than continuing (or
+            reporting) a schedule that the restored steps never followed.
 
     Returns:
         A :class:`FitResult`.
@@ -465,7 +475,9 @@ def fit(
         DivergenceError: a non-finite loss (training or validation) or non-finite weights.
         cycleprune.preemption.PreemptedError: SIGTERM arrived; a checkpoint was written.
         ValueError: bad ``epochs``/``steps_per_epoch``, a dataset whose cardinality disagrees
-            with ``steps_per_epoch``, or a checkpoint that does not match the model.
+            with ``steps_per_epoch``, a checkpoint that does not match the model, a checkpoint
+            folder written under other settings (``resume_key``), or an epoch that ran out of
+            data before ``steps_per_epoch`` steps.
     """
     for name, value in (
         ("epochs", epochs),
@@ -531,6 +543,8 @@ def fit(
     latest = _restore_latest(checkpoint, manager)
     initial_epoch = int(epoch_var.numpy()) if latest else 0
     state = partial.read(initial_epoch, steps_per_epoch)
+    key = _run_key(optimizer, steps_per_epoch, resume_key)
+    _check_run_key(checkpoint_dir, key, resuming=bool(latest) or state is not None)
     offset, carried = 0, None
     if state is not None:
         try:
@@ -554,14 +568,11 @@ def fit(
         logger.info("Resuming from %s at epoch %d", latest, initial_epoch)
     expected = initial_epoch * steps_per_epoch + offset
     if int(optimizer.iterations.numpy()) != expected:
-        logger.warning(
-            "Restored step %d but %d epochs of %d steps (+%d) make %d: steps_per_epoch changed "
-            "since the checkpoint was written.",
-            int(optimizer.iterations.numpy()),
-            initial_epoch,
-            steps_per_epoch,
-            offset,
-            expected,
+        raise ValueError(
+            f"{checkpoint_dir}: the checkpoint is at step {int(optimizer.iterations.numpy())}, "
+            f"but {initial_epoch} epochs of {steps_per_epoch} steps (+{offset}) make {expected}: "
+            f"the data, batch size or replica count changed since it was written. Resume with "
+            f"the same settings, or train into a new checkpoint folder."
         )
     previous = [e for e in read_entries(checkpoint_dir) if e["epoch"] <= initial_epoch]
 
@@ -595,6 +606,11 @@ def fit(
                 done = step - epoch * steps_per_epoch
                 if carried:
                     _add_metric_state(model, carried)
+                if done < steps_per_epoch and not sigterm.requested:
+                    raise ValueError(
+                        f"Epoch {epoch + 1} ran out of training data after {done} of "
+                        f"{steps_per_epoch} steps: the dataset is shorter than steps_per_epoch"
+                    )
                 if done < steps_per_epoch:  # stopped by SIGTERM
                     _check_finite(model, optimizer, recorder.last_good())
                     path = partial.save(
@@ -644,6 +660,49 @@ def fit(
         global_step=int(optimizer.iterations.numpy()),
         checkpoints=kept,
     )
+
+
+def _run_key(
+    optimizer: keras.optimizers.Optimizer, steps_per_epoch: int, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The settings a resume must share (see ``fit``'s ``resume_key``), as plain JSON values."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
+    config = dict(inner.get_config())
+    for name in ("name", "jit_compile"):  # jit_compile follows the device (GPU or not)
+        config.pop(name, None)
+    key = {"steps_per_epoch": steps_per_epoch, "optimizer": config, **(extra or {})}
+    return storage.to_json_value(key)
+
+
+def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool) -> None:
+    """Refuse to resume checkpoints written under other settings; record them for a new run."""
+    path = checkpoint_dir / RUN_KEY_FILE
+    if resuming and path.is_file():
+        difference = _first_difference(storage.read_json(path), key)
+        if difference is not None:
+            field, old, new = difference
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints of a run with {field}={_json_text(old)}, "
+                f"but this run has {field}={_json_text(new)} (per {path}): resume with the same "
+                f"settings, or train into a new checkpoint folder"
+            )
+        return
+    storage.atomic_write_json(path, key)  # a new run (or one that wrote no checkpoint yet)
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """``(dotted field, old value, new value)`` of the first leaf that differs, or ``None``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in [*new, *(n for n in old if n not in new)]:  # steps_per_epoch first
+            found = _first_difference(old.get(name), new.get(name), f"{path}.{name}".lstrip("."))
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def read_entries(checkpoint_dir: str | os.PathLike) -> list[dict]:
@@ -801,6 +860,7 @@ def _run_training(
             max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
             on_checkpoint=on_checkpoint,
             steps_per_execution=config.train.steps_per_execution,
+            resume_key={"dataset": info.version},
         )
 
     lrs = schedules.clr(

@@ -233,6 +233,49 @@ def test_resume_continues_the_schedule_at_the_saved_step(two_epochs, tiny_datase
     np.testing.assert_allclose(straight.history["lr"], resumed.history["lr"])
 
 
+def test_resume_refuses_checkpoints_written_under_other_settings(
+    two_epochs, tiny_dataset, tmp_path
+):
+    from cycleprune import training
+
+    first_out, config, _ = two_epochs
+    stored = json.loads((first_out / "checkpoints" / training.RUN_KEY_FILE).read_text())
+    assert stored["steps_per_epoch"] == STEPS
+    assert stored["optimizer"]["learning_rate"]["config"]["max_lr"] == MAX_LR
+    assert len(stored["dataset"]) == 12
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(first_out / "checkpoints", checkpoints)
+    before = sorted(p.name for p in checkpoints.iterdir())
+    # Other CLR bounds: the restored steps followed the old schedule (and, the run being
+    # finished, nothing would train while history.json reported the new one).
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints of a run with optimizer\.learning_rate\.config\.max_lr=0\.1, but "
+        r"this run has optimizer\.learning_rate\.config\.max_lr=0\.5 .*new checkpoint folder",
+    ):
+        training.run_training(
+            tiny_dataset,
+            tmp_path / "o1",
+            config,
+            min_lr=MIN_LR,
+            max_lr=0.5,
+            checkpoint_dir=checkpoints,
+        )
+    # Another batch size: another number of steps per epoch.
+    smaller = config.replace(data=dataclasses.replace(config.data, batch_size=8))
+    with pytest.raises(ValueError, match=r"steps_per_epoch=8, but this run has steps_per_epoch="):
+        training.run_training(
+            tiny_dataset,
+            tmp_path / "o2",
+            smaller,
+            min_lr=MIN_LR,
+            max_lr=MAX_LR,
+            checkpoint_dir=checkpoints,
+        )
+    assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_divergence_stops_with_step_and_lr(tiny_dataset, tmp_path):
     from cycleprune import training
 
@@ -261,6 +304,9 @@ def test_divergence_names_the_last_good_checkpoint(two_epochs, tiny_dataset, tmp
     first_out, _, _ = two_epochs
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(first_out / "checkpoints", checkpoints)
+    # Checkpoints of an earlier version (no run.json) resume under any settings: here, absurd
+    # CLR bounds that diverge at once.
+    (checkpoints / training.RUN_KEY_FILE).unlink()
     with pytest.raises(training.DivergenceError) as caught:
         training.run_training(
             tiny_dataset,
