@@ -199,13 +199,29 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--dense-only", action="store_true")
-    parser.add_argument("--source", default=str(BUNDLED_DATA))
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--label", default="")
+    parser.add_argument("--preset", default="small", help="base preset (default: small)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="train.seed of each run"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (e.g. train.epochs=48)",
+    )
+    parser.add_argument(
+        "--dense-only", action="store_true", help="stop after the dense model's evaluation"
+    )
+    parser.add_argument("--source", default=str(BUNDLED_DATA), help="dataset (default: bundled)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="result JSON (default: benchmarks/results/quality-<preset>[-<label>]-<date>.json); "
+        "the Markdown table goes beside it",
+    )
+    parser.add_argument("--label", default="", help="added to the default file name")
     parser.add_argument("--keep", default=None, help="keep each seed's work folder under this")
     parser.add_argument("--render", metavar="JSON", help="only print the Markdown of a result file")
     args = parser.parse_args(argv)
@@ -214,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cycleprune.config import load_config
+
+    try:  # a bad preset or override fails now, not after the first seed's run
+        load_config(args.preset, overrides=args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
 
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     label = f"-{args.label}" if args.label else ""

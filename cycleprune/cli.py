@@ -136,6 +136,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from cycleprune import pruning
 
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1). Received: --sparsity={args.sparsity}")
+    if not args.model.exists():
+        raise FileNotFoundError(f"Model not found: {args.model}")
     result = pruning.run_pruning(
         str(args.model),
         str(args.dataset),

@@ -259,6 +259,16 @@ class ScheduleConfig:
         _check(self.min_lr >= 0, s, "min_lr", self.min_lr, "must be >= 0")
         _check(self.max_lr >= 0, s, "max_lr", self.max_lr, "must be >= 0")
         if self.min_lr or self.max_lr:
+            zero = "max_lr" if self.max_lr == 0 else "min_lr" if self.min_lr == 0 else None
+            if zero is not None:
+                other = "min_lr" if zero == "max_lr" else "max_lr"
+                _fail(
+                    s,
+                    zero,
+                    0.0,
+                    f"must be set too when {s}.{other} is (or both 0 for the LR range test's "
+                    f"suggestion)",
+                )
             _check(
                 0 < self.min_lr < self.max_lr,
                 s,
@@ -805,7 +815,7 @@ def load_config(
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"Config file {path} is not UTF-8 text: {err}") from None
-        kind = "yaml" if path.suffix in (".yaml", ".yml", "") else "json"
+        kind = "json" if path.suffix.lower() == ".json" else "yaml"  # YAML reads JSON too
         loaded = _parse(text, kind, f"config file {path}")
         if not isinstance(loaded, Mapping):
             raise ValueError(f"Config file {path} must hold a mapping of sections.")

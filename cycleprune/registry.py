@@ -328,6 +328,16 @@ def production_version(registry: str | os.PathLike, model_name: str) -> str | No
     return None if pointer is None else pointer["version"]
 
 
+def _no_production(registry: str | os.PathLike, model_name: str, rest: str) -> RegistryError:
+    """ "No production version", or, for a local registry, the missing folder that explains it."""
+    if not storage.is_gcs(registry):
+        if not Path(registry).is_dir():
+            return RegistryError(f"No registry at {registry}: there is no such folder")
+        if not Path(model_uri(registry, model_name)).is_dir():
+            return RegistryError(f"Registry {registry} has no model {model_name!r}")
+    return RegistryError(f"{model_name!r} has no production version{rest}")
+
+
 def _read_json(uri: str) -> Any:
     try:
         return json.loads(storage.read_bytes(uri))
@@ -362,7 +372,7 @@ def show(
     current = production_version(registry, model_name)
     version = version or current
     if version is None:
-        raise RegistryError(f"{model_name!r} has no production version; name one with --version")
+        raise _no_production(registry, model_name, "; name one with --version")
     uri = _require_complete(registry, model_name, version)
     manifest = storage.read_manifest(uri)
     decision_uri = storage.join_uri(
@@ -504,7 +514,7 @@ def rollback(
     def attempt() -> dict[str, Any]:
         current, token = read_production(registry, model_name)
         if current is None:
-            raise RegistryError(f"{model_name!r} has no production version to roll back")
+            raise _no_production(registry, model_name, " to roll back")
         target = to_version
         if target is None:
             earlier = [h["version"] for h in current.get("history", [])]

@@ -257,8 +257,9 @@ def resolve_lr_bounds(
     if min_lr is None:
         if not schedule.has_bounds:
             raise ValueError(
-                "No learning rate bounds: run the LR range test (lr-finder) and pass its min_lr "
-                "and max_lr, or set schedule.min_lr and schedule.max_lr. Received: "
+                "No learning rate bounds: run the LR range test (`cycleprune find-lr`) and pass "
+                "its bounds (--min-lr/--max-lr), or set schedule.min_lr and schedule.max_lr. "
+                "Received: "
                 f"schedule.min_lr={schedule.min_lr}, schedule.max_lr={schedule.max_lr}"
             )
         min_lr, max_lr = schedule.min_lr, schedule.max_lr

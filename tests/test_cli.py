@@ -70,6 +70,17 @@ def test_stage_failures_exit_with_their_code(
     assert err.startswith(prefix) and fragment in err
 
 
+def test_prune_names_its_own_flags_before_any_work(tmp_path, capsys):
+    model = tmp_path / "model.keras"
+    base = ["prune", "--dataset", str(tmp_path), "--out", str(tmp_path / "p"), "--min-lr", "0.001",
+            "--max-lr", "0.1"]  # fmt: skip
+    assert cli.main([*base, "--model", str(model)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: Model not found: {model}"
+    model.write_bytes(b"")
+    assert cli.main([*base, "--model", str(model), "--sparsity", "1.5"]) == 2
+    assert "--sparsity must be in [0, 1). Received: --sparsity=1.5" in capsys.readouterr().err
+
+
 def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nope"])

@@ -75,6 +75,11 @@ def test_config_file_merges_over_preset(tmp_path):
             r"schedule\.min_lr must be > 0 and < max_lr \(0\.1\)\. Received: schedule\.min_lr=0\.2",
         ),
         (
+            ["schedule.min_lr=0.001"],  # small's bounds are both 0 (the LR range test's)
+            r"schedule\.max_lr must be set too when schedule\.min_lr is \(or both 0 for the LR "
+            r"range test's suggestion\)\. Received: schedule\.max_lr=0\.0",
+        ),
+        (
             ["prune.final_sparsity=1.0"],
             r"prune\.final_sparsity .*Received: prune\.final_sparsity=1",
         ),
@@ -98,6 +103,15 @@ def test_config_file_merges_over_preset(tmp_path):
 def test_invalid_values_name_field_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         C.load_config("small", overrides=overrides)
+
+
+@pytest.mark.parametrize("name", ["c.YAML", "c.Yml", "c.txt", "c.JSON"])
+def test_config_file_format_does_not_hang_on_the_suffix_case(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(
+        "train:\n  epochs: 5\n" if "j" not in name.lower() else '{"train": {"epochs": 5}}'
+    )
+    assert C.load_config("smoke", path).train.epochs == 5
 
 
 def test_unknown_keys_in_file_are_rejected(tmp_path):

@@ -203,6 +203,19 @@ def test_push_promote_reject_rollback_on_gcs(gcs_bucket, candidates, tiny_datase
     assert "has no production version" in capsys.readouterr().err
 
 
+def test_a_missing_local_registry_or_model_is_named(tmp_path, capsys):
+    from cycleprune import cli
+
+    missing = str(tmp_path / "no-such-registry")
+    assert cli.main(["models", "show", "--registry", missing, "--model", "pneumonia"]) == 2
+    assert f"No registry at {missing}: there is no such folder" in capsys.readouterr().err
+    assert cli.main(["models", "rollback", "--registry", str(tmp_path), "--model", "nope"]) == 2
+    assert f"Registry {tmp_path} has no model 'nope'" in capsys.readouterr().err
+    (tmp_path / "nope").mkdir()  # the model's folder, but nothing promoted yet
+    assert cli.main(["models", "rollback", "--registry", str(tmp_path), "--model", "nope"]) == 2
+    assert "'nope' has no production version to roll back" in capsys.readouterr().err
+
+
 def test_champion_of_other_classes_rejects_the_candidate(tmp_path, candidates, tiny_dataset):
     reg = tmp_path / "registry"
     gate = GateConfig(0.0, 0.0, 0.0, 0.01)
