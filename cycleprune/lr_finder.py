@@ -450,7 +450,19 @@ def find_lr(
     warmup = max(MIN_STEPS_BEFORE_STOP, default_skip_start(num_steps))
     saved = [np.array(w, copy=True) for w in model.get_weights()]
     sweep = (
-        _SweepCheckpoint(model, optimizer, checkpoint_dir, config, on_checkpoint)
+        _SweepCheckpoint(
+            model,
+            optimizer,
+            checkpoint_dir,
+            config,
+            on_checkpoint,
+            also={
+                "momentum": momentum,
+                "mixed_float16": mixed,
+                "loss": _loss_key(loss),
+                "model": [[w.name, list(w.shape)] for w in model.weights],
+            },
+        )
         if checkpoint_dir
         else None
     )
@@ -530,6 +542,12 @@ class _DivergenceWatch:
         return current > self.stop_factor * self.best
 
 
+def _loss_key(loss: Any) -> Any:
+    """The loss's class and configuration, for the sweep record's settings."""
+    config = loss.get_config() if hasattr(loss, "get_config") else {}
+    return {"class": type(loss).__name__, **{k: v for k, v in config.items() if k != "name"}}
+
+
 def _finite(model: keras.Model) -> bool:
     return all(np.isfinite(w).all() for w in model.get_weights())
 
@@ -544,11 +562,18 @@ class _SweepCheckpoint:
         folder: str | os.PathLike,
         config: LRFinderConfig,
         on_checkpoint: Any = None,
+        also: dict[str, Any] | None = None,
     ) -> None:
+        from cycleprune import storage
+
         self.on_checkpoint = on_checkpoint
         self.folder = Path(folder)
         self.state_path = self.folder / SWEEP_STATE
-        self.settings = dataclasses.asdict(config)
+        # What the record depends on beyond the sweep's own settings: a record of another
+        # model, loss or momentum is another curve.
+        self.settings = storage.to_json_value({**dataclasses.asdict(config), **(also or {})})
+        self.model, self.optimizer = model, optimizer
+        self.initial = [np.array(v.numpy(), copy=True) for v in model.weights + optimizer.variables]
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.folder), max_to_keep=1, checkpoint_name=SWEEP_NAME
@@ -560,21 +585,37 @@ class _SweepCheckpoint:
 
         if not self.state_path.is_file():
             return [], False, False
-        state = storage.read_json(self.state_path)
-        if state.get("settings") != self.settings:
+        try:
+            state = storage.read_json(self.state_path)
+            settings, done = state["settings"], bool(state["done"])
+            recorded = [float(v) for v in state["losses"]]
+            stopped, name = bool(state.get("stopped")), state.get("checkpoint")
+        except (ValueError, KeyError, TypeError) as err:
+            logger.warning("Ignoring the unreadable LR sweep record %s: %r", self.state_path, err)
+            return [], False, False
+        if settings != self.settings:
             logger.warning(
                 "Ignoring the LR sweep checkpoint in %s: it was made with other settings (%s).",
                 self.folder,
-                state.get("settings"),
+                settings,
             )
             return [], False, False
-        recorded = [float(v) for v in state["losses"]]
-        if state["done"]:
+        if done:
             logger.info("The LR sweep in %s is finished: reusing its record.", self.folder)
-            return recorded, bool(state["stopped"]), True
-        path = str(self.folder / state["checkpoint"])
-        status = self.checkpoint.restore(path)
-        status.assert_existing_objects_matched().expect_partial()
+            return recorded, stopped, True
+        path = str(self.folder / str(name))
+        try:
+            status = self.checkpoint.restore(path)
+            status.assert_existing_objects_matched().expect_partial()
+        except (tf.errors.OpError, ValueError, AssertionError) as err:
+            # A retry must not fail the same way forever: sweep again from the start, from the
+            # initial weights (a failed read may have overwritten some of them).
+            logger.warning("Ignoring the unreadable LR sweep checkpoint %s: %s", path, err)
+            for variable, value in zip(
+                self.model.weights + self.optimizer.variables, self.initial, strict=True
+            ):
+                variable.assign(value)
+            return [], False, False
         logger.info("Resuming the LR sweep from %s at step %d", path, len(recorded))
         return recorded, False, False
 

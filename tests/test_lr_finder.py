@@ -396,3 +396,42 @@ def test_find_lr_resumes_from_its_last_checkpoint_after_a_crash(tmp_path):
     # Other sweep settings do not reuse the record.
     other = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=24)
     assert find_lr(model, dataset, other, loss=loss, checkpoint_dir=tmp_path).steps == 24
+
+
+def test_a_sweep_record_of_another_model_or_momentum_is_not_reused(tmp_path):
+    config = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=30)
+    loss = keras.losses.MeanSquaredError()
+    model, dataset = _linear_problem(128)
+    first = find_lr(model, dataset, config, loss=loss, checkpoint_dir=tmp_path)
+    plain = find_lr(model, dataset, config, loss=loss, momentum=0.0)  # no record: the truth
+    again = find_lr(model, dataset, config, loss=loss, momentum=0.0, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(again.losses, plain.losses)
+    assert not np.array_equal(again.losses, first.losses)
+    wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    shapes = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())["settings"]["model"]
+    assert [s for _, s in shapes] == [[4, 1], [1]]
+    find_lr(wider, dataset, config, loss=loss, momentum=0.0, checkpoint_dir=tmp_path)
+    shapes = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())["settings"]["model"]
+    assert [s for _, s in shapes] == [[4, 2], [2]]  # swept again, not read back
+
+
+def test_a_broken_sweep_record_or_checkpoint_means_sweeping_again(tmp_path):
+    config = LRFinderConfig(start_lr=1e-4, end_lr=1.0, num_steps=30)
+    loss = keras.losses.MeanSquaredError()
+    model, dataset = _linear_problem(128)
+    straight = find_lr(model, dataset, config, loss=loss)
+
+    def crash():
+        raise RuntimeError("node lost")
+
+    with pytest.raises(Exception, match="node lost"):
+        find_lr(
+            model, _interrupt_at(dataset, 18, crash), config, loss=loss, checkpoint_dir=tmp_path
+        )
+    for path in tmp_path.glob("sweep-16*"):
+        path.unlink()  # the record names a checkpoint that is gone
+    resumed = find_lr(model, dataset, config, loss=loss, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+    (tmp_path / lr_finder.SWEEP_STATE).write_text('{"settings": {}}')  # no losses
+    resumed = find_lr(model, dataset, config, loss=loss, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
