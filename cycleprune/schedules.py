@@ -374,6 +374,16 @@ def whole_cycle_epochs(epochs: int, step_size_epochs: float) -> int:
     return max(int(epochs), math.ceil(cycles * cycle - 1e-9))
 
 
+def ends_on_cycle_minimum(epochs: int, steps_per_epoch: int, step_size: int) -> bool:
+    """Whether ``epochs`` of ``steps_per_epoch`` steps are whole cycles of ``2 * step_size``.
+
+    :func:`whole_cycle_epochs` rounds in epochs and :func:`clr_step_size` in steps, so with a
+    ``step_size_epochs`` whose half cycle is not a whole number of epochs (or of steps) the
+    rounded-up run can still end mid-cycle, at an LR well above ``min_lr``.
+    """
+    return (epochs * steps_per_epoch) % (2 * step_size) == 0
+
+
 def make_optimizer(
     train: TrainConfig,
     schedule: ScheduleConfig,

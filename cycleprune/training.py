@@ -817,6 +817,18 @@ def _run_training(
     val_ds = data.make_dataset(str(dataset_dir), "val", val_config, training=False)
     steps = steps_per_epoch(train_batches(0), info.num_examples("train"), global_batch)
     step_size = schedules.clr_step_size(steps, config.schedule.step_size_epochs)
+    if config.train.whole_cycles and not schedules.ends_on_cycle_minimum(epochs, steps, step_size):
+        # Whole cycles are counted in epochs, the half cycle rounds to whole steps: with a
+        # fractional step_size_epochs the two need not meet.
+        logger.warning(
+            "train.whole_cycles: %d epochs of %d steps do not end on a cycle minimum (the half "
+            "cycle is %d steps, schedule.step_size_epochs=%s); choose a step size whose half "
+            "cycle is a whole number of epochs to end at min_lr.",
+            epochs,
+            steps,
+            step_size,
+            config.schedule.step_size_epochs,
+        )
     logger.info(
         "Training %d epochs x %d steps of %d images (%d replica(s)), CLR %.3g..%.3g (%s, step "
         "size %d)",

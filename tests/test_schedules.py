@@ -283,3 +283,18 @@ def test_make_optimizer():
 def test_module_has_no_callbacks():
     # STYLE.md rule 4: the LR is computed in the graph, never set by a per-batch callback.
     assert not [name for name in dir(schedules) if "Callback" in name]
+
+
+@pytest.mark.parametrize(
+    ("step_size_epochs", "steps_per_epoch", "at_minimum"),
+    [(2.0, 74, True), (4.0, 74, True), (1.5, 74, True), (1.5, 75, False), (0.5, 75, False)],
+)
+def test_whole_cycles_end_on_the_minimum_only_when_the_steps_allow(
+    step_size_epochs, steps_per_epoch, at_minimum
+):
+    epochs = schedules.whole_cycle_epochs(24, step_size_epochs)
+    step_size = schedules.clr_step_size(steps_per_epoch, step_size_epochs)
+    assert schedules.ends_on_cycle_minimum(epochs, steps_per_epoch, step_size) is at_minimum
+    # The closed form agrees: the LR of the step after the last is min_lr exactly when whole.
+    after_last = schedules.clr(epochs * steps_per_epoch, 0.0, 1.0, step_size)
+    assert (float(after_last) == 0.0) is at_minimum
