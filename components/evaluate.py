@@ -57,9 +57,9 @@ def evaluate(
         classification.log_roc_curve(roc["fpr"], roc["tpr"], thresholds)
     for entry in result["models"]:
         for key in ("accuracy", "sensitivity", "specificity", "auc"):
-            value = float(entry["test"][key])
-            if math.isfinite(value):  # AUC is NaN on a single-class split; KFP wants numbers
-                metrics.log_metric(f"{entry['format']}_test_{key}", value)
+            value = entry["test"][key]  # AUC is None on a single-class split
+            if value is not None and math.isfinite(float(value)):  # KFP wants numbers
+                metrics.log_metric(f"{entry['format']}_test_{key}", float(value))
     seconds = time.perf_counter() - start
     storage.atomic_write_json(evaluation.path, {**record, "seconds": seconds})
     metrics.log_metric("seconds", round(seconds, 3))

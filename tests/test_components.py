@@ -413,6 +413,28 @@ def test_evaluate_seconds_cover_the_figures_not_only_the_library_call(
     assert storage.read_json(outputs["evaluation"].path)["seconds"] >= 0.3
 
 
+def test_evaluate_logs_no_auc_for_a_single_class_test_split(
+    root, evaluated, prepared, compressed, config_artifact, monkeypatch
+):
+    import copy
+
+    from cycleprune import evaluation
+
+    done = storage.read_json(evaluated["dense"]["evaluation"].path)
+    result = copy.deepcopy(
+        {k: v for k, v in done.items() if k not in ("seconds", "target_sparsity")}
+    )
+    for entry in result["models"]:
+        entry["test"]["auc"] = None  # what compute_metrics gives when only one class is there
+    monkeypatch.setattr(evaluation, "run_evaluation", lambda *args: result)
+    outputs = _evaluate(
+        root, "evaluate_one_class", compressed["dense"], prepared, config_artifact, 0.0
+    )
+    logged = outputs["metrics"].metadata
+    assert "keras_test_accuracy" in logged and "keras_test_auc" not in logged
+    assert storage.read_json(outputs["evaluation"].path)["models"][0]["test"]["auc"] is None
+
+
 @pytest.fixture(scope="module")
 def selected(root, evaluated, compressed, config_artifact):
     outputs = {
