@@ -9,9 +9,10 @@ A parameter left at its form default takes the *preset's* value, so choosing ``p
 the form runs ``small`` and not ``small`` under the article's batch size, width, loss and schedule
 (with the default ``preset: seed`` the two are the same values). Only ``class_names`` and
 ``sparsities`` (:data:`ALWAYS_APPLIED`), the pipeline's own choices for the bundled data and the
-fan-out, always apply. A value equal to a form default can still be forced under another preset
-through ``extra_config``. :func:`pipeline_arguments` is the inverse, for running a given
-``Config`` as a pipeline.
+fan-out, always apply; and ``min_lr``/``max_lr`` go together: changing either applies both. A
+value equal to a form default can still be forced under another preset through
+``extra_config``. :func:`pipeline_arguments` is the inverse, for running a given ``Config`` as a
+pipeline.
 
 No kfp import: the ``configure`` component imports this module inside its container, where
 ``kfp.dsl`` is the slim runtime.
@@ -66,6 +67,7 @@ FORM_DEFAULTS.update(
 # Parameters applied even at their form default: they describe the bundled data and the fan-out,
 # not a preset's recipe.
 ALWAYS_APPLIED = frozenset({"class_names", "sparsities"})
+_BOUNDS = ("min_lr", "max_lr")
 
 # The DataConfig fields that change what prepare_dataset writes (batching and augmentation
 # happen later, in make_dataset).
@@ -107,8 +109,13 @@ def _merge(preset_name: str, params: Mapping[str, Any]) -> dict[str, dict[str, A
     if unknown:
         raise ValueError(f"Unknown pipeline parameter(s): {', '.join(unknown)}")
     data = preset(preset_name).to_dict()
+    # The CLR bounds are one choice: changing either one in the form applies both as shown.
+    bounds_changed = any(
+        name in params and not _same(params[name], FORM_DEFAULTS[name]) for name in _BOUNDS
+    )
     for name, value in params.items():
-        if name not in ALWAYS_APPLIED and _same(value, FORM_DEFAULTS[name]):
+        applied = name in ALWAYS_APPLIED or (name in _BOUNDS and bounds_changed)
+        if not applied and _same(value, FORM_DEFAULTS[name]):
             continue  # left at the form's default: the preset's value stands
         if name == "class_weight":
             value = _parse_class_weight(value)

@@ -671,9 +671,12 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
     except OSError as err:
         raise DataError(f"Cannot read {path}: {err}") from err
     if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
-        raise DataError(
-            f"{path} is not a .npz archive (a zip of .npy arrays): its first bytes are {head!r}"
+        what = (
+            "a Python pickle (never loaded: it could run code)"
+            if head[:1] == b"\x80"
+            else (f"not a .npz archive (a zip of .npy arrays): its first bytes are {head!r}")
         )
+        raise DataError(f"{path} is {what}")
     try:
         archive = np.load(path, allow_pickle=False)
     except _NPZ_ERRORS as err:

@@ -458,7 +458,6 @@ def find_lr(
             on_checkpoint,
             also={
                 "momentum": momentum,
-                "mixed_float16": mixed,
                 "loss": _loss_key(loss),
                 "model": [[w.name, list(w.shape)] for w in model.weights],
             },

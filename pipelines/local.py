@@ -97,7 +97,11 @@ def _task_error(log: str, task: str) -> str | None:
         ),
         len(lines),
     )
-    for line in reversed(lines[:end]):
+    # Only the task's own lines: a task killed without a traceback must not borrow another's.
+    start = max(
+        (i for i, line in enumerate(lines[:end]) if f"Executing task '{task}'" in line), default=0
+    )
+    for line in reversed(lines[start:end]):
         match = _ERROR_LINE.match(line)
         if match:
             return match.group(1).strip()

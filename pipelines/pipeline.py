@@ -217,8 +217,9 @@ def build_pipeline(
             preset: Base configuration: seed (the article), small, best (small with the
                 images upsampled to 64x64 in the model, about three times the run time) or
                 smoke. Every parameter below left at its default (the article's value) takes
-                this preset's value instead; class_names and sparsities always apply. To force
-                a value equal to a default under another preset, use extra_config.
+                this preset's value instead; class_names and sparsities always apply, and
+                min_lr and max_lr go together. To force a value equal to a default under another
+                preset, use extra_config.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ...

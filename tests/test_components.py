@@ -153,6 +153,9 @@ def test_a_changed_form_value_wins_over_the_preset():
     assert build_config("small", {**FORM_DEFAULTS, "prune_epochs": 16}).prune.end_epoch == 16
     assert build_config("seed", {**FORM_DEFAULTS, "prune_epochs": 10}).prune.end_epoch == 10
     assert build_config("small", {**FORM_DEFAULTS, "prune_end_epoch": 5}).prune.end_epoch == 5
+    # The CLR bounds go together: a changed max_lr brings the min_lr shown beside it.
+    bounds = build_config("small", {**FORM_DEFAULTS, "max_lr": 0.05}).schedule
+    assert (bounds.min_lr, bounds.max_lr) == (0.001, 0.05)
     # A value equal to a form default is forced under another preset through extra_config.
     forced = build_config("small", FORM_DEFAULTS, "data: {batch_size: 32}")
     assert forced.data.batch_size == 32

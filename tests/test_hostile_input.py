@@ -370,7 +370,7 @@ CASES = {
         marker=True,
     ),
     "pickle file named .npz": Case(
-        _file(_pickle_as_npz), ("pickle.npz", "pickled (object) data"), marker=True
+        _file(_pickle_as_npz), ("pickle.npz", "is a Python pickle (never loaded"), marker=True
     ),
     "npz with corrupt compressed data": Case(
         _file(_corrupt_deflate), ("deflate.npz", "'train_images' is corrupt")

@@ -150,6 +150,17 @@ def test_task_error_is_the_failed_tasks_exception_line():
         "cycleprune.data.DataError: /d/x.npz is not a .npz archive"
     )
     assert local_run._task_error("no traceback here", "prepare-data") is None
+    # Killed without a traceback: another task's earlier error is not this task's.
+    killed = "\n".join(
+        [
+            "Executing task 'find-lr'",
+            "    cycleprune.preemption.PreemptedError: handled in an earlier attempt",
+            "Executing task 'train'",
+            "Killed",
+            "Task 'train' finished with status FAILURE",
+        ]
+    )
+    assert local_run._task_error(killed, "train") is None
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
