@@ -59,8 +59,8 @@ audit: ## Check the pinned requirements for known vulnerabilities (pip-audit, th
 bench: $(STAMP) ## Run the benchmarks (QUICK=1 for a smoke check); results in benchmarks/results/
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,) $(ARGS)
 
-compile: $(STAMP) ## Compile the pipeline: IR YAML + Kubernetes manifests into build/compiled
-	$(PY) -m cycleprune compile --out build/compiled $(ARGS)
+compile: $(STAMP) ## Compile the pipeline for $(IMAGE): IR YAML + Kubernetes manifests into build/compiled
+	$(PY) -m cycleprune compile --out build/compiled --image "$(IMAGE)" $(ARGS)
 
 tensorboard: $(STAMP) ## Open TensorBoard on a run's logs (RUN=runs/<timestamp>, default: the latest)
 	$(VENV)/bin/tensorboard --logdir "$${RUN:-$$(ls -d runs/2* | tail -n 1)}/tensorboard"

@@ -349,6 +349,10 @@ def test_retrain_parameters_are_pipeline_parameters_of_the_right_type(overlay):
     declared = pipeline_spec(objects)["root"]["inputDefinitions"]["parameters"]
     params = yaml.safe_load(_retrain_params_text(objects))
     assert params, "the retrain run should set at least the preset"
+    # A scheduled retrain reads refreshed data, resumes retried tasks and keeps its model: not
+    # the copy baked into the image, nothing checkpointed, nothing pushed.
+    for name in ("source", "checkpoint_root", "registry"):
+        assert str(params.get(name, "")).startswith("gs://"), name
     for name, value in params.items():
         assert name in declared, f"{name} is not a pipeline parameter ({', '.join(declared)})"
         wanted = _PARAMETER_TYPES[declared[name]["parameterType"]]
