@@ -6,6 +6,7 @@ manifests (``cycleprune_pipeline.k8s.yaml``) are for KFP's Kubernetes-native API
 bytes (the compiler writes no timestamp; a test compiles twice and compares).
 """
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -40,27 +41,35 @@ def compile_pipeline(
         raise ValueError(f"Argument `image` must name a container image. Received: {image!r}")
     out = Path(out_dir)
     pipeline = build_pipeline(image, gpus=gpus)
-    manifest_options = KubernetesManifestOptions(
-        pipeline_name=PIPELINE_NAME,
-        pipeline_version_name=_version_name(image),
-        include_pipeline_manifest=True,
-    )
-    written = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, k8s in ((IR_FILE, False), (MANIFEST_FILE, True)):
-            staged = Path(tmp) / name
-            compiler.Compiler().compile(
-                pipeline,
-                str(staged),
-                kubernetes_manifest_options=manifest_options if k8s else None,
-                kubernetes_manifest_format=k8s,
-            )
-            written.append(storage.atomic_write_bytes(out / name, staged.read_bytes()))
-    return written
+        ir = Path(tmp) / IR_FILE
+        compiler.Compiler().compile(pipeline, str(ir))
+        manifest_options = KubernetesManifestOptions(
+            pipeline_name=PIPELINE_NAME,
+            pipeline_version_name=version_name(image, ir.read_bytes()),
+            include_pipeline_manifest=True,
+        )
+        manifests = Path(tmp) / MANIFEST_FILE
+        compiler.Compiler().compile(
+            pipeline,
+            str(manifests),
+            kubernetes_manifest_options=manifest_options,
+            kubernetes_manifest_format=True,
+        )
+        return [
+            storage.atomic_write_bytes(out / IR_FILE, ir.read_bytes()),
+            storage.atomic_write_bytes(out / MANIFEST_FILE, manifests.read_bytes()),
+        ]
 
 
-def _version_name(image: str) -> str:
-    """A Kubernetes-safe PipelineVersion name from the image tag: cycleprune-0-1-0."""
+def version_name(image: str, spec: bytes) -> str:
+    """A Kubernetes-safe PipelineVersion name: the image tag and a digest of the pipeline spec.
+
+    ``cycleprune-0-1-0-<8 hex>``: KFP refuses to change the spec of an existing PipelineVersion,
+    so any change to the compiled pipeline (code, parameters, image) must come under a new name,
+    or ``kubectl apply`` would fail on it.
+    """
     tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else "latest"
-    safe = "".join(c if c.isalnum() else "-" for c in tag.lower()).strip("-")
-    return f"{PIPELINE_NAME}-{safe or 'latest'}"[:63].rstrip("-")
+    safe = "".join(c if c.isalnum() else "-" for c in tag.lower()).strip("-") or "latest"
+    digest = hashlib.sha256(image.encode() + b"\0" + spec).hexdigest()[:8]
+    return f"{f'{PIPELINE_NAME}-{safe}'[:54].rstrip('-')}-{digest}"

@@ -1,6 +1,7 @@
 """The compiled pipeline: task graph, fan-out, cluster settings, determinism, K8s manifests."""
 
 import inspect
+import re
 
 import pytest
 import yaml
@@ -221,7 +222,9 @@ def test_kubernetes_manifests(compiled):
     assert kinds == ["Pipeline", "PipelineVersion"]
     pipeline, version = docs
     assert pipeline["metadata"]["name"] == "cycleprune"
-    assert version["metadata"]["name"] == f"cycleprune-{__version__.replace('.', '-')}"
+    assert re.fullmatch(
+        rf"cycleprune-{__version__.replace('.', '-')}-[0-9a-f]{{8}}", version["metadata"]["name"]
+    )
     assert version["spec"]["pipelineName"] == "cycleprune"
     assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == "cycleprune"
 
@@ -284,3 +287,15 @@ def test_loop_tasks_only_reference_inputs_of_their_dag(ir):
         for value in task["inputs"].get("parameters", {}).values():
             if "componentInputParameter" in value:
                 assert value["componentInputParameter"] in declared, name
+
+
+def test_version_name_changes_with_the_spec_and_the_image():
+    # KFP refuses a changed spec under an existing PipelineVersion name: each change needs its own.
+    name = compile_module.version_name
+    image = "europe-docker.pkg.dev/p/r/cycleprune:0.1.0"
+    assert name(image, b"spec") == name(image, b"spec")
+    assert name(image, b"spec") != name(image, b"spec, changed")
+    assert name(image, b"spec") != name(image.replace("0.1.0", "0.1.1"), b"spec")
+    assert re.fullmatch(r"cycleprune-0-1-0-[0-9a-f]{8}", name(image, b"spec"))
+    long = name("r/cycleprune:" + "x" * 80, b"spec")
+    assert len(long) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", long)
