@@ -273,6 +273,28 @@ def test_every_pipeline_task_has_cpu_and_memory_requests_and_limits(overlay):
             assert resources.get(key), f"{name} has no {key}"
 
 
+def _quantity(value: str) -> float:
+    """A Kubernetes CPU or memory quantity as a number (cores, or bytes)."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "G": 1e9, "M": 1e6, "K": 1e3}
+    for unit, factor in units.items():
+        if str(value).endswith(unit):
+            return float(str(value)[: -len(unit)]) * factor
+    return float(value)
+
+
+def test_the_cpu_variant_fits_a_four_vcpu_sixteen_gb_node():
+    # e2-standard-4 allocates about 3.9 CPUs and 13 GiB to pods: every task must be schedulable.
+    executors = pipeline_spec(render("cpu"))["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        resources = executor["container"]["resources"]
+        assert _quantity(resources["resourceCpuRequest"]) <= 2, name
+        assert _quantity(resources["resourceMemoryRequest"]) <= 8 * 2**30, name
+    gpu = pipeline_spec(render("gpu"))["deploymentSpec"]["executors"]
+    assert (
+        max(_quantity(e["container"]["resources"]["resourceCpuRequest"]) for e in gpu.values()) == 4
+    )
+
+
 def _gpu_executors(objects: list[dict[str, Any]]) -> dict[str, str]:
     """Executor -> accelerator count, for the executors that request one."""
     executors = pipeline_spec(objects)["deploymentSpec"]["executors"]
