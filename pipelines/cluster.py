@@ -586,10 +586,15 @@ def schedule_run(
     service_account: str | None = None,
     pipeline_root: str | None = None,
     enable_caching: bool = False,
+    replace: bool = False,
     ui_host: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """Create a KFP recurring run of a stored pipeline version.
+
+    A recurring run of the same name in the experiment is an error (two schedules would both
+    fire), unless ``replace``: then the new one is created first and the old one deleted, so a
+    failure never leaves the pipeline unscheduled.
 
     By default every run of the schedule runs every task: the schedule is sent the version's
     spec with caching off (see the module docstring), so a scheduled retraining always retrains
@@ -610,15 +615,18 @@ def schedule_run(
         pipeline_root: Artifact root (``gs://...``) for the runs.
         enable_caching: Cache each task as compiled (the schedule then refers to the version);
             default: caching off for every task.
+        replace: Replace the experiment's recurring run(s) of the same name.
         ui_host: Base of the printed UI link.
         timeout: Seconds to wait for the healthz check.
 
     Returns:
-        ``{"recurring_run_id", "version_id", "link"}``.
+        ``{"recurring_run_id", "version_id", "link", "replaced"}`` (``replaced``: the IDs of
+        the recurring runs deleted).
 
     Raises:
         ValueError: Bad cron, ``max_concurrency`` < 1, unknown parameters, bad host.
-        ClusterError: Connection, authentication or API failure, or a missing pipeline/version.
+        ClusterError: Connection, authentication or API failure, a missing pipeline/version, or
+            a recurring run of the same name without ``replace``.
     """
     cron = _check_cron(cron)
     if max_concurrency < 1:
@@ -636,6 +644,16 @@ def schedule_run(
     docs = [] if enable_caching else _version_docs(found.pipeline_spec, what)
     experiment_id = _experiment_id(client, host, experiment, namespace)
     name = name or f"{pipeline_name}-{label}-schedule"
+    with _calling(host, f"looking up recurring runs named {name!r}"):
+        listed = client.list_recurring_runs(
+            experiment_id=experiment_id, filter=_name_filter(name), page_size=100
+        )
+    existing = [r.recurring_run_id for r in listed.recurring_runs or []]
+    if existing and not replace:
+        raise ClusterError(
+            f"Experiment {experiment!r} at {host} already has a recurring run named {name!r} "
+            f"({', '.join(existing)}): pass --replace to replace it, or --name for a second one"
+        )
     with contextlib.ExitStack() as stack:
         if enable_caching:
             source = {"pipeline_id": pipeline_id, "version_id": found.pipeline_version_id}
@@ -654,6 +672,10 @@ def schedule_run(
                 service_account=service_account,
                 **source,
             )
+    for old in existing:
+        with _calling(host, f"deleting the replaced recurring run {old}"):
+            client.delete_recurring_run(old)
+        print(f"Deleted the replaced recurring run {name!r} ({old}).")
     link = f"{_ui(host, ui_host)}/#/recurringrun/details/{recurring.recurring_run_id}"
     print(
         f"Scheduled {name!r} ({recurring.recurring_run_id}) at '{cron}' UTC, "
@@ -664,6 +686,7 @@ def schedule_run(
         "recurring_run_id": recurring.recurring_run_id,
         "version_id": found.pipeline_version_id,
         "link": link,
+        "replaced": existing,
     }
 
 
@@ -789,6 +812,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             service_account=args.service_account,
             pipeline_root=args.pipeline_root,
             enable_caching=args.cache,
+            replace=args.replace,
             ui_host=args.ui_host,
             timeout=args.connect_timeout,
         )
@@ -927,4 +951,10 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let each run take unchanged stages from the cache as compiled (default: caching "
         "off, so every run retrains; the schedule is then sent the version's spec)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the experiment's recurring run of the same name (created first, then the "
+        "old one deleted); without it, a name already scheduled is an error",
     )

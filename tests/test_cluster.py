@@ -65,6 +65,9 @@ class FakeKFP(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
 
 def _named(items: list[dict[str, Any]], query: dict[str, list[str]]) -> list[dict[str, Any]]:
     if "filter" not in query:
@@ -108,8 +111,18 @@ def route(state: dict, method: str, path: str, query: dict, body: Any) -> dict[s
         return {**body, "run_id": "r-1", "state": "PENDING"}
     if path == f"{API}/runs/r-1":
         return {"run_id": "r-1", "state": state["run_state"]}
+    if path == f"{API}/recurringruns" and method == "GET":
+        mine = [r for r in state["recurring"] if r["experiment_id"] == query["experiment_id"][0]]
+        return {"recurringRuns": _named(mine, query)}
     if path == f"{API}/recurringruns" and method == "POST":
-        return {**body, "recurring_run_id": "rr-1"}
+        recurring = {**body, "recurring_run_id": f"rr-{len(state['recurring']) + 1}"}
+        recurring.setdefault("experiment_id", "e-1")
+        state["recurring"].append(recurring)
+        return recurring
+    if path.startswith(f"{API}/recurringruns/") and method == "DELETE":
+        rid = path.rsplit("/", 1)[-1]
+        state["recurring"][:] = [r for r in state["recurring"] if r["recurring_run_id"] != rid]
+        return {}
     raise AssertionError(f"stand-in has no route for {method} {path}")
 
 
@@ -125,6 +138,7 @@ def serve(**state: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         "versions": [],
         "experiments": [],
         "run_state": "SUCCEEDED",
+        "recurring": [],
         **state,
     }
     thread = threading.Thread(
@@ -415,6 +429,25 @@ def test_schedule_sends_cron_concurrency_and_no_catchup(package, capsys):
     assert not any(_caching(body["pipeline_spec"]).values())
 
 
+def test_schedule_refuses_a_second_schedule_of_the_same_name_unless_replacing(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        first = cluster.schedule_run(host, cron="0 0 3 * * 1", pipeline_name="tiny", version="v2")
+        with pytest.raises(cluster.ClusterError, match=r"already has a recurring run named "
+                           r"'tiny-v2-schedule' \(rr-1\): pass --replace"):  # fmt: skip
+            cluster.schedule_run(host, cron="0 0 4 * * 1", pipeline_name="tiny", version="v2")
+        assert [r["recurring_run_id"] for r in state["recurring"]] == ["rr-1"]
+        again = cluster.schedule_run(
+            host, cron="0 0 4 * * 1", pipeline_name="tiny", version="v2", replace=True
+        )
+        # The new one exists before the old one goes: never a moment without a schedule.
+        methods = [(e["method"], e["path"].rsplit("/", 1)[-1]) for e in state["log"]]
+        assert methods.index(("POST", "recurringruns")) < methods.index(("DELETE", "rr-1"))
+        assert [r["recurring_run_id"] for r in state["recurring"]] == ["rr-2"]
+        assert state["recurring"][0]["trigger"] == {"cron_schedule": {"cron": "0 0 4 * * 1"}}
+    assert first["replaced"] == [] and again["replaced"] == ["rr-1"]
+    assert "Deleted the replaced recurring run 'tiny-v2-schedule' (rr-1)" in capsys.readouterr().out
+
+
 def test_schedule_with_cache_refers_to_the_version_as_compiled(package, capsys):
     with serve(**_stored(package)) as (host, state):
         cluster.schedule_run(host, cron="0 0 3 * * 1", pipeline_name="tiny", enable_caching=True)
@@ -524,7 +557,7 @@ def test_cli_submit_and_schedule_end_to_end(package, tmp_path, capsys):
         assert args.func(args) == 0
         for flag in ("--no-cache", "--cache"):
             command = "submit" if flag == "--no-cache" else "schedule"
-            extra = ["--cron", "0 30 2 * * *"] if command == "schedule" else []
+            extra = ["--cron", "0 30 2 * * *", "--replace"] if command == "schedule" else []
             args = _parser().parse_args(
                 [command, "--host", host, "--pipeline", "tiny", flag, *extra]
             )
