@@ -107,8 +107,6 @@ CPU_ONLY_RESOURCES = {
     "train": ("2", "4", "6Gi", "12Gi"),
     "prune": ("2", "4", "6Gi", "12Gi"),
 }
-# The non-root user of docker/Dockerfile (USER 10001).
-IMAGE_UID = 10001
 # push has registry side effects; report consumes push's fresh decision (see the docstring).
 UNCACHED_STAGES = ("push", "report")
 CACHED_STAGES = tuple(stage for stage in RESOURCES if stage not in UNCACHED_STAGES)
@@ -141,11 +139,6 @@ def _settle(
     if stage in GPU_STAGES and accelerated:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    # The image's non-root user, stated on the pod too (KFP's backend adds no privilege
-    # escalation, all capabilities dropped and the RuntimeDefault seccomp profile itself).
-    kubernetes.set_security_context(
-        task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True
-    )
     if stage in RETRIED_STAGES and retries:
         task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
     return task
