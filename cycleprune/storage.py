@@ -38,7 +38,7 @@ def _local_path(path: str | os.PathLike) -> Path:
     if isinstance(text, str) and text.startswith("gs:/"):
         raise ValueError(
             f"{text} is a gs:// URI, but this output is written to a local folder: give a local "
-            f"path (on a cluster, KFP maps artifacts to /gcs/...; publish with `cycleprune push`)"
+            f"path (on a cluster, KFP maps artifacts to /gcs/...)"
         )
     return Path(path)
 
