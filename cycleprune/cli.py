@@ -333,7 +333,11 @@ def _add_models_commands(sub: Any) -> None:
     p = verb("promote", _cmd_models_promote, "Point production at a version (no gate).")
     p.add_argument("--version", required=True, help="the version to serve")
     p = verb("rollback", _cmd_models_rollback, "Point production back at an earlier version.")
-    p.add_argument("--to", help="default: the version in production before the current one")
+    p.add_argument(
+        "--to",
+        help="default: the latest earlier production version not already rolled back from "
+        "(rolling back twice goes two steps back)",
+    )
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

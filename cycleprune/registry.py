@@ -517,11 +517,11 @@ def rollback(
             raise _no_production(registry, model_name, " to roll back")
         target = to_version
         if target is None:
-            earlier = [h["version"] for h in current.get("history", [])]
-            earlier = [v for v in earlier if v != current["version"]]
+            earlier = _rollback_candidates(current)
             if not earlier:
                 raise RegistryError(
-                    f"{model_name!r} has had no production version before {current['version']}"
+                    f"{model_name!r} has had no production version before {current['version']} "
+                    f"that was not rolled back from; name one with --to"
                 )
             target = earlier[-1]
         return set_production(
@@ -529,6 +529,24 @@ def rollback(
         )
 
     return _retrying(attempt, f"rollback {model_name}")
+
+
+def _rollback_candidates(current: Mapping[str, Any]) -> list[str]:
+    """Earlier production versions a default rollback may return to, oldest first.
+
+    The pointer's history read as a stack: a promotion pushes its version, a rollback to a
+    version on the stack pops back to it (a rollback elsewhere pushes). Rolling back twice thus
+    goes two steps back (C -> B -> A), never back to the model just rolled away from
+    (C -> B -> C); a champion promoted after rollbacks rolls back to the one it replaced.
+    """
+    stack: list[str] = []
+    for entry in [*current.get("history", []), _history_entry(current)]:
+        version = entry["version"]
+        if entry.get("reason") == "rollback" and version in stack:
+            del stack[len(stack) - stack[::-1].index(version) :]
+        else:
+            stack.append(version)
+    return [v for v in stack[:-1] if v != current["version"]]
 
 
 def gate_and_promote(

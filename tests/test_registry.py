@@ -370,3 +370,25 @@ def test_killed_push_leaves_no_version_that_readers_accept(tmp_path, candidates,
     assert registry.list_versions(reg, "pneumonia") == []
     with pytest.raises(registry.RegistryError, match="No complete version"):
         registry.show(reg, "pneumonia", "v20250101T000000000000Z-0badf00d")
+
+
+def test_rolling_back_again_goes_further_back_not_back_and_forth(tmp_path):
+    reg, model = str(tmp_path / "registry"), "pneumonia"
+    gate = GateConfig(min_auc=0.5, min_sensitivity=0.5, min_specificity=0.5, tolerance=0.0)
+    a, b, c = (_fake_version(reg, model, auc) for auc in (0.90, 0.91, 0.92))
+    for version, auc in ((a, 0.90), (b, 0.91), (c, 0.92)):
+        decision, _ = registry.gate_and_promote(
+            reg, model, version, {**GOOD, "auc": auc}, gate, _stored_metrics(reg, model)
+        )
+        assert decision.promote
+    assert registry.rollback(reg, model)["version"] == b
+    assert registry.rollback(reg, model)["version"] == a  # not back to c, just rolled away from
+    with pytest.raises(registry.RegistryError, match="not rolled back from; name one with --to"):
+        registry.rollback(reg, model)
+    assert registry.rollback(reg, model, c)["version"] == c  # named explicitly: allowed
+    # A new champion after rollbacks rolls back to the version it replaced.
+    d = _fake_version(reg, model, 0.95)
+    decision, _ = registry.gate_and_promote(
+        reg, model, d, {**GOOD, "auc": 0.95}, gate, _stored_metrics(reg, model)
+    )
+    assert decision.promote and registry.rollback(reg, model)["version"] == c
