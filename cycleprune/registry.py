@@ -41,6 +41,7 @@ comparison.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -619,6 +620,37 @@ def gate_and_promote(
 # --------------------------------------------------------------------------------------------
 # Pushing a run's selected model
 
+RUNS_DIR = "runs"
+
+
+def _run_version(registry: str | os.PathLike, model_name: str, parent_run: str, name: str) -> str:
+    """The version this run's push writes: the one an earlier attempt chose, or a new one.
+
+    ``<model>/runs/<parent_run>.json`` records it before anything is pushed, so a retried push
+    (KFP's Retry of a failed run keeps the run's id) finishes that version instead of pushing the
+    same model again under a second name, which would then be gated against itself.
+    """
+    if not parent_run:
+        return new_version()
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", parent_run)[:200]
+    marker = storage.join_uri(model_uri(registry, model_name), RUNS_DIR, f"{safe}.json")
+    with contextlib.suppress(storage.ObjectNotFoundError, ValueError, KeyError, TypeError):
+        recorded = json.loads(storage.read_bytes(marker))
+        if recorded["name"] == name and _VERSION.match(str(recorded["version"])):
+            return str(recorded["version"])
+    version = new_version()
+    record = {"parent_run": parent_run, "name": name, "version": version, "created": _now()}
+    storage.write_bytes(marker, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return version
+
+
+def _decision_from_dict(data: Mapping[str, Any]) -> GateDecision:
+    fields = {f.name for f in dataclasses.fields(GateDecision)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["checks"] = tuple(values.get("checks", ()))
+    values["reasons"] = tuple(values.get("reasons", ()))
+    return GateDecision(**values)
+
 
 def _serving_files(folder: Path, selected_path: str) -> list[str]:
     """What a version holds from the variant's compression folder: the Keras model, the
@@ -856,16 +888,22 @@ def run_push(
     entry = entries.get(selection["name"])
     if entry is None:
         raise ValueError(f"The selected model {selection['name']!r} has no evaluation")
-    version, card = push_version(
-        registry,
-        model_name,
-        model_dir=model_dirs[entry["variant"]],
-        entry=entry,
-        selection=selection,
-        dataset_info=dataset_info,
-        parameters=parameters,
-        parent_run=parent_run,
-    )
+    version = _run_version(registry, model_name, parent_run, entry["name"])
+    uri = version_uri(registry, model_name, version)
+    if storage.is_complete(uri):  # a retry of this run's push: the version is already there
+        card = _read_json(storage.join_uri(uri, CARD_JSON))
+    else:
+        version, card = push_version(
+            registry,
+            model_name,
+            model_dir=model_dirs[entry["variant"]],
+            entry=entry,
+            selection=selection,
+            dataset_info=dataset_info,
+            parameters=parameters,
+            parent_run=parent_run,
+            version=version,
+        )
     if evaluate_champion is None:
         positive = int(parameters.get("evaluate", {}).get("positive_class", 1))
 
@@ -874,9 +912,14 @@ def run_push(
                 registry, model_name, champion, dataset_dir, positive_class=positive
             )
 
-    decision, pointer = gate_and_promote(
-        registry, model_name, version, entry["test"], gate, evaluate_champion
-    )
+    current, _ = read_production(registry, model_name)
+    if current is not None and current["version"] == version and current.get("decision"):
+        # An earlier attempt of this push promoted it, then stopped before writing its decision.
+        decision, pointer = _decision_from_dict(current["decision"]), current
+    else:
+        decision, pointer = gate_and_promote(
+            registry, model_name, version, entry["test"], gate, evaluate_champion
+        )
     record = {
         "registry": os.fspath(registry),
         "model_name": model_name,

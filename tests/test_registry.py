@@ -145,8 +145,7 @@ def _push(reg, candidates, name, tiny_dataset, gate, **kwargs):
         dataset_info=data.load_info(tiny_dataset).to_dict(),
         parameters=Config().to_dict(),
         gate=gate,
-        parent_run=f"run-{name}",
-        **kwargs,
+        **{"parent_run": f"run-{name}", **kwargs},
     )
 
 
@@ -229,7 +228,7 @@ def test_champion_of_other_classes_rejects_the_candidate(tmp_path, candidates, t
     (staged / registry.CARD_JSON).write_text(json.dumps(card))
     os.unlink(staged / storage.MANIFEST)
     storage.write_prefix(staged, first["uri"])
-    second = _push(reg, candidates, "good", tiny_dataset, gate)
+    second = _push(reg, candidates, "good", tiny_dataset, gate, parent_run="another-run")
     assert not second["promoted"]
     assert "trained on classes ['cat', 'dog']" in second["decision"]["reasons"][0]
 
@@ -392,3 +391,33 @@ def test_rolling_back_again_goes_further_back_not_back_and_forth(tmp_path):
         reg, model, d, {**GOOD, "auc": 0.95}, gate, _stored_metrics(reg, model)
     )
     assert decision.promote and registry.rollback(reg, model)["version"] == c
+
+
+def test_a_retried_push_finishes_its_own_version_instead_of_pushing_a_twin(
+    tmp_path, candidates, tiny_dataset, monkeypatch
+):
+    reg = str(tmp_path / "registry")
+    gate = GateConfig(min_auc=0.6, min_sensitivity=0.3, min_specificity=0.3, tolerance=0.01)
+    champion = _push(reg, candidates, "good", tiny_dataset, gate, parent_run="run-1")
+    # The next run's push is preempted after the pointer moved, before its decision was written.
+    write = storage.write_bytes
+
+    def preempted(uri, data):
+        if f"/{registry.DECISIONS_DIR}/" in str(uri):
+            raise KeyboardInterrupt("SIGKILL")
+        return write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        _push(reg, candidates, "good", tiny_dataset, gate, parent_run="run-2")
+    monkeypatch.setattr(storage, "write_bytes", write)
+    first_try = registry.production_version(reg, "pneumonia")
+    assert first_try != champion["version"]
+    retried = _push(reg, candidates, "good", tiny_dataset, gate, parent_run="run-2")
+    assert retried["version"] == first_try and retried["promoted"]
+    assert retried["decision"]["champion_version"] == champion["version"]  # not itself
+    assert registry.list_versions(reg, "pneumonia") == [champion["version"], first_try]
+    pointer, _ = registry.read_production(reg, "pneumonia")
+    assert [h["version"] for h in pointer["history"]] == [champion["version"]]  # moved once
+    assert registry.show(reg, "pneumonia", first_try)["decision"]["promoted"] is True
+    assert registry.rollback(reg, "pneumonia")["version"] == champion["version"]
