@@ -154,11 +154,9 @@ def _check_split(info: DatasetInfo, split: str) -> None:
 
 def _holds(out_dir: str | os.PathLike, source: str | os.PathLike) -> bool:
     """Whether the local folder ``out_dir`` is the local ``source`` or holds it."""
-    if storage.is_gcs(source) or os.fspath(out_dir).startswith("gs:/"):
+    if storage.is_gcs(source) or not Path(source).exists():
         return False
-    if not Path(source).exists():
-        return False
-    out, src = Path(out_dir).resolve(), Path(source).resolve()
+    out, src = storage.local_path(out_dir).resolve(), Path(source).resolve()
     return out == src or out in src.parents
 
 
@@ -174,12 +172,10 @@ def load_info(dataset_dir: str | os.PathLike) -> DatasetInfo:
     Raises:
         DataError: the folder has no (valid) ``dataset.json``, or a listed shard is missing.
     """
-    if os.fspath(dataset_dir).startswith("gs:/"):
-        raise DataError(
-            f"{dataset_dir}: a prepared dataset is read from a local folder, not a gs:// URI "
-            f"(on a cluster, KFP maps artifacts to /gcs/...)"
-        )
-    folder = Path(dataset_dir)
+    try:
+        folder = storage.local_path(dataset_dir)
+    except ValueError as err:
+        raise DataError(f"A prepared dataset: {err}") from None
     path = folder / INFO_FILE
     if not path.is_file():
         raise DataError(f"Not a prepared dataset: {folder} has no {INFO_FILE}")

@@ -456,6 +456,7 @@ def find_lr(
             checkpoint_dir,
             config,
             on_checkpoint,
+            initial_weights=saved,
             also={
                 "momentum": momentum,
                 "loss": _loss_key(loss),
@@ -561,6 +562,7 @@ class _SweepCheckpoint:
         folder: str | os.PathLike,
         config: LRFinderConfig,
         on_checkpoint: Any = None,
+        initial_weights: list[np.ndarray] | None = None,
         also: dict[str, Any] | None = None,
     ) -> None:
         from cycleprune import storage
@@ -572,7 +574,10 @@ class _SweepCheckpoint:
         # model, loss or momentum is another curve.
         self.settings = storage.to_json_value({**dataclasses.asdict(config), **(also or {})})
         self.model, self.optimizer = model, optimizer
-        self.initial = [np.array(v.numpy(), copy=True) for v in model.weights + optimizer.variables]
+        # For a restart after a failed restore: the model's weights (find_lr's own copy) and the
+        # freshly built optimizer's variables.
+        self.initial_weights = initial_weights or [w.copy() for w in model.get_weights()]
+        self.initial_slots = [np.array(v.numpy(), copy=True) for v in optimizer.variables]
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.folder), max_to_keep=1, checkpoint_name=SWEEP_NAME
@@ -610,9 +615,8 @@ class _SweepCheckpoint:
             # A retry must not fail the same way forever: sweep again from the start, from the
             # initial weights (a failed read may have overwritten some of them).
             logger.warning("Ignoring the unreadable LR sweep checkpoint %s: %s", path, err)
-            for variable, value in zip(
-                self.model.weights + self.optimizer.variables, self.initial, strict=True
-            ):
+            self.model.set_weights(self.initial_weights)
+            for variable, value in zip(self.optimizer.variables, self.initial_slots, strict=True):
                 variable.assign(value)
             return [], False, False
         logger.info("Resuming the LR sweep from %s at step %d", path, len(recorded))

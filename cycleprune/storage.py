@@ -31,14 +31,14 @@ TMP_PREFIX = ".tmp-"
 STALE_SECONDS = 6 * 3600
 
 
-def _local_path(path: str | os.PathLike) -> Path:
+def local_path(path: str | os.PathLike) -> Path:
     """``path`` as a local Path; a ``gs://`` URI (or one that ``Path`` folded to ``gs:/``) is an
     error, not a local folder named ``gs:`` that vanishes with the pod."""
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith("gs:/"):
         raise ValueError(
-            f"{text} is a gs:// URI, but this output is written to a local folder: give a local "
-            f"path (on a cluster, KFP maps artifacts to /gcs/...)"
+            f"{text} is a gs:// URI, but this is read from or written to a local folder: give a "
+            f"local path (on a cluster, KFP maps artifacts to /gcs/...)"
         )
     return Path(path)
 
@@ -67,7 +67,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
     The file is flushed and fsynced before the rename; on an exception it is removed and
     ``path`` is left as it was. Readers see the old file or the whole new one, never a part.
     """
-    path = _local_path(path)
+    path = local_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
@@ -146,7 +146,7 @@ def check_output_dir(
 
     Stages call it before their work too, so that a refused folder costs no compute.
     """
-    path = _local_path(path)
+    path = local_path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"Output folder {path} is a file")
     if path.is_dir() and any(path.iterdir()):

@@ -541,7 +541,7 @@ def test_output_folder_that_holds_the_source_is_refused(tmp_path):
 
 
 def test_load_info_errors(tmp_path, prepared):
-    with pytest.raises(DataError, match=r"gs://b/ds: a prepared dataset is read from a local"):
+    with pytest.raises(DataError, match=r"A prepared dataset: gs://b/ds is a gs:// URI, but this"):
         data.load_info("gs://b/ds")
     with pytest.raises(DataError, match=r"has no dataset\.json"):
         data.load_info(tmp_path)
