@@ -262,6 +262,19 @@ def _experiment_id(client, host: str, experiment: str, namespace: str | None) ->
         return client.create_experiment(name=experiment, namespace=namespace).experiment_id
 
 
+def _find_run(client, host: str, experiment_id: str, experiment: str, name: str):
+    """The experiment's run named ``name`` (the oldest, if several), or None."""
+    with _calling(host, f"looking up runs named {name!r} in experiment {experiment!r}"):
+        listed = client.list_runs(
+            experiment_id=experiment_id,
+            filter=_name_filter(name),
+            sort_by="created_at asc",
+            page_size=1,
+        )
+    runs = listed.runs or []
+    return runs[0] if runs else None
+
+
 def _declared_parameters(pipeline_spec: Any) -> set[str] | None:
     if not isinstance(pipeline_spec, Mapping):
         return None
@@ -447,6 +460,7 @@ def submit_run(
     enable_caching: bool = True,
     ui_host: str | None = None,
     connect_timeout: float = DEFAULT_TIMEOUT,
+    once: bool = False,
 ) -> dict[str, Any]:
     """Start one run, of a stored pipeline version or of a local package; print its state and link.
 
@@ -470,10 +484,14 @@ def submit_run(
             version (see the module docstring).
         ui_host: Base of the printed UI link (default ``$KF_PIPELINES_UI_ENDPOINT`` or host).
         connect_timeout: Seconds to wait for the healthz check.
+        once: Start nothing if the experiment already has a run named ``run_name`` (required
+            then): print that run and return it (``existing`` True). A retried submission (the
+            nightly CronJob's pod, retried by its Job under a per-schedule name) thus never
+            starts a second run when the first attempt's run was created but its answer lost.
 
     Returns:
-        ``{"run_id", "state", "link", "experiment_id", "pipeline_id", "version_id"}``; ``state``
-        is the final one when ``wait`` is set.
+        ``{"run_id", "state", "link", "experiment_id", "pipeline_id", "version_id",
+        "existing"}``; ``state`` is the final one when ``wait`` is set.
 
     Raises:
         ValueError: Both or neither of ``pipeline_name``/``package_path``, unknown parameters,
@@ -489,6 +507,11 @@ def submit_run(
         )
     if not timeout > 0:
         raise ValueError(f"Argument `timeout` must be > 0. Received: timeout={timeout}")
+    if once and not run_name:
+        raise ValueError(
+            "Argument `once` needs `run_name`: the run is recognised by its name. Received: "
+            f"run_name={run_name!r}"
+        )
     params = dict(params or {})
     docs: list[dict[str, Any]] = []
     if package_path is not None:
@@ -511,6 +534,29 @@ def submit_run(
     experiment_id = _experiment_id(client, host, experiment, namespace)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     run_name = run_name or f"{label} {stamp}"
+    result = {"experiment_id": experiment_id, "pipeline_id": pipeline_id, "version_id": version_id}
+    if once:
+        found_run = _find_run(client, host, experiment_id, experiment, run_name)
+        if found_run is not None:
+            link = f"{_ui(host, ui_host)}/#/runs/details/{found_run.run_id}"
+            state = _state(found_run.state)
+            print(
+                f"Run {run_name!r} ({found_run.run_id}) already exists in experiment "
+                f"{experiment!r}, not starting another: {state}  {link}",
+                flush=True,
+            )
+            if wait:
+                state = _wait(client, host, found_run.run_id, timeout=timeout, link=link)
+                print(
+                    f"Run {run_name!r} ({found_run.run_id}) finished: {state}  {link}", flush=True
+                )
+            return {
+                "run_id": found_run.run_id,
+                "state": state,
+                "link": link,
+                **result,
+                "existing": True,
+            }
     with contextlib.ExitStack() as stack:
         if not enable_caching:
             source = {"pipeline_package_path": stack.enter_context(_uncached_package(docs))}
@@ -534,14 +580,7 @@ def submit_run(
     if wait:
         state = _wait(client, host, run.run_id, timeout=timeout, link=link)
         print(f"Run {run_name!r} ({run.run_id}) finished: {state}  {link}", flush=True)
-    return {
-        "run_id": run.run_id,
-        "state": state,
-        "link": link,
-        "experiment_id": experiment_id,
-        "pipeline_id": pipeline_id,
-        "version_id": version_id,
-    }
+    return {"run_id": run.run_id, "state": state, "link": link, **result, "existing": False}
 
 
 def _wait(client, host: str, run_id: str, *, timeout: float, link: str) -> str:
@@ -788,6 +827,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             enable_caching=not args.no_cache,
             ui_host=args.ui_host,
             connect_timeout=args.connect_timeout,
+            once=args.once,
         )
         return 0 if not args.wait or result["state"] == "SUCCEEDED" else 1
 
@@ -907,6 +947,12 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--package", type=Path, help="compiled pipeline IR YAML to run directly")
     _add_run_args(p)
     p.add_argument("--run-name", help="run display name (default: <pipeline> <UTC time>)")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="start nothing if the experiment already has a run named --run-name (required); "
+        "makes a retried submission, e.g. the retrain CronJob's, safe",
+    )
     p.add_argument(
         "--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded"
     )

@@ -104,13 +104,20 @@ def route(state: dict, method: str, path: str, query: dict, body: Any) -> dict[s
         found = _named(state["experiments"], query)
         return {"experiments": found} if found else {}
     if path == f"{API}/experiments" and method == "POST":
-        experiment = {**body, "experiment_id": "e-1"}
+        experiment = {**body, "experiment_id": f"e-{len(state['experiments']) + 1}"}
         state["experiments"].append(experiment)
         return experiment
     if path == f"{API}/runs" and method == "POST":
-        return {**body, "run_id": "r-1", "state": "PENDING"}
-    if path == f"{API}/runs/r-1":
-        return {"run_id": "r-1", "state": state["run_state"]}
+        run = {**body, "run_id": f"r-{len(state['runs']) + 1}", "state": "PENDING"}
+        state["runs"].append(run)
+        return run
+    if path == f"{API}/runs" and method == "GET":
+        mine = [r for r in state["runs"] if r["experiment_id"] == query["experiment_id"][0]]
+        if query.get("sort_by") == ["created_at desc"]:
+            mine = mine[::-1]
+        return {"runs": _named(mine, query)[: int(query.get("page_size", ["10"])[0])]}
+    if path.startswith(f"{API}/runs/r-"):
+        return {"run_id": path.rsplit("/", 1)[-1], "state": state["run_state"]}
     if path == f"{API}/recurringruns" and method == "GET":
         mine = [r for r in state["recurring"] if r["experiment_id"] == query["experiment_id"][0]]
         return {"recurringRuns": _named(mine, query)}
@@ -139,6 +146,7 @@ def serve(**state: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         "experiments": [],
         "run_state": "SUCCEEDED",
         "recurring": [],
+        "runs": [],
         **state,
     }
     thread = threading.Thread(
@@ -355,6 +363,46 @@ def test_submit_wait_gives_up_after_the_timeout(package, monkeypatch):
     assert host in str(err.value) and "#/runs/details/r-1" in str(err.value)
     assert time.monotonic() - started < 5
     assert sum(e["path"] == f"{API}/runs/r-1" for e in state["log"]) >= 2
+
+
+def test_submit_once_starts_one_run_per_name_however_often_it_is_retried(package, capsys):
+    # The retrain CronJob's pod may be retried after its run was created (the answer lost):
+    # under the same per-schedule name, the retry finds that run instead of starting a twin.
+    with serve(**_stored(package)) as (host, state):
+        kwargs = {"pipeline_name": "tiny", "experiment": "retrain", "once": True}
+        first = cluster.submit_run(host, run_name="retrain-29381760", **kwargs)
+        state["runs"][0]["state"] = "RUNNING"
+        retry = cluster.submit_run(host, run_name="retrain-29381760", **kwargs)
+        assert len(_posts(state, "/runs")) == 1
+        # The next night's job has another name and starts its own run.
+        other = cluster.submit_run(host, run_name="retrain-29383200", **kwargs)
+        # Another experiment's run of the same name does not count.
+        elsewhere = cluster.submit_run(
+            host, pipeline_name="tiny", run_name="retrain-29383200", experiment="adhoc", once=True
+        )
+    assert (first["existing"], retry["existing"], other["existing"]) == (False, True, False)
+    assert retry["run_id"] == first["run_id"] == "r-1" and other["run_id"] == "r-2"
+    assert retry["state"] == "RUNNING" and retry["link"].endswith("#/runs/details/r-1")
+    assert elsewhere["run_id"] == "r-3"
+    out = capsys.readouterr().out
+    assert "Run 'retrain-29381760' (r-1) already exists in experiment 'retrain'" in out
+    lookups = [e for e in state["log"] if e["method"] == "GET" and e["path"] == f"{API}/runs"]
+    assert [e["query"]["experiment_id"] for e in lookups] == [["e-1"]] * 3 + [["e-2"]]
+    with pytest.raises(ValueError, match="`once` needs `run_name`"):
+        cluster.submit_run("http://127.0.0.1:1", pipeline_name="tiny", once=True)
+
+
+def test_cli_submit_once_waits_for_the_existing_run(package, capsys):
+    with serve(**_stored(package)) as (host, state):
+        argv = ["submit", "--host", host, "--pipeline", "tiny", "--run-name", "n", "--once"]
+        for _ in range(2):
+            args = _parser().parse_args([*argv, "--wait", "--timeout", "30"])
+            assert args.func(args) == 0
+        state["run_state"] = "FAILED"
+        args = _parser().parse_args([*argv, "--wait", "--timeout", "30"])
+        assert args.func(args) == 1  # the existing run's outcome is the exit status
+    assert len(_posts(state, "/runs")) == 1
+    assert capsys.readouterr().out.count("finished: ") == 3
 
 
 def test_submit_a_local_package_sends_its_spec(package):

@@ -411,7 +411,11 @@ def test_cronjob_submits_the_applied_pipeline_version(overlay):
     env = {}
     for source in container.get("envFrom", []):
         env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
-    env.update({e["name"]: e["value"] for e in container["env"]})
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    # The Job controller labels each pod with its Job's name, one per scheduled time.
+    (job_name,) = [e for e in container["env"] if "valueFrom" in e]
+    assert job_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}
+    env[job_name["name"]] = "cycleprune-retrain-29381760"
     assert container["command"] == ["python", "-m", "cycleprune", "submit"]
     args = _submit_parser().parse_args(["submit"] + [_expand(a, env) for a in container["args"]])
     namespace = cronjob["metadata"]["namespace"]
@@ -422,6 +426,8 @@ def test_cronjob_submits_the_applied_pipeline_version(overlay):
     assert args.pipeline_root == params_env(overlay)["PIPELINE_ROOT"]
     one(objects, "ServiceAccount", args.service_account)
     assert args.no_cache  # a retrain runs every stage: a refreshed source is read again
+    # A retried pod of the same Job finds the run its first attempt created.
+    assert args.once and args.run_name == "cycleprune-retrain-29381760"
     # The parameter file is the retrain ConfigMap, mounted where --params-file points.
     mount = next(
         m
