@@ -49,7 +49,9 @@ class PruneResult:
         sparsity: Overall sparsity of the saved model (zeros / weights over Conv2D and Dense
             kernels).
         layer_sparsity: ``{layer name: sparsity of its kernel}``.
-        best_checkpoint: The chosen checkpoint's entry (see :func:`select_checkpoint`).
+        best_checkpoint: The chosen checkpoint's entry (see :func:`select_checkpoint`); its
+            ``checkpoint`` is the checkpoint's name in the checkpoint folder (``ckpt-<n>``; for a
+            ``gs://`` folder, in its newest mirror slot), not a path into a local working copy.
         warnings: Human-readable problems, e.g. the target sparsity was not reached.
     """
 
@@ -538,6 +540,8 @@ def _run_pruning(
         restored = tf.train.Checkpoint(model=pruned).restore(best["checkpoint"])
         restored.assert_existing_objects_matched().expect_partial()
         stripped = strip(pruned)
+    # The path is local; for gs:// it is in a mirror's working copy that is gone after the stage.
+    best = {**best, "checkpoint": Path(best["checkpoint"]).name}
     layers = sparsity_report(stripped)
     overall = overall_sparsity(stripped)
 

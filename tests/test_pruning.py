@@ -251,6 +251,9 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
     assert best["reached_target"] is True and best["epoch"] in (1, 2)
     assert best["sparsity"] == pytest.approx(0.5, abs=0.01) and report["warnings"] == []
     assert best == result.best_checkpoint
+    # Named within the checkpoint folder, not by a path into a working copy.
+    assert best["checkpoint"] == f"ckpt-{best['epoch']}"
+    assert (out / "checkpoints" / f"{best['checkpoint']}.index").is_file()
 
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
