@@ -12,9 +12,16 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
+# A venv whose pip does not run (e.g. Debian without python3-venv stopped half-way) is made anew.
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip --version >/dev/null 2>&1 || { \
+	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    echo "error: cycleprune needs Python >= 3.11; '$(PYTHON)' is not (set PYTHON=python3.11)" >&2; \
+	    exit 1; }; \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) || { \
+	    echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt install python3-venv" >&2; \
+	    rm -rf $(VENV); exit 1; }; }
+	$(PY) -m pip install --quiet "$$(grep -E '^pip==' requirements.txt)"
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -43,7 +50,7 @@ lock: ## Re-pin requirements.txt from requirements.in in a fresh virtualenv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet -r requirements.in
 	( echo "# Pinned by \`make lock\` from requirements.in. Do not edit by hand."; \
-	  .lock-venv/bin/pip freeze --exclude-editable ) > requirements.txt
+	  .lock-venv/bin/pip freeze --all --exclude-editable ) > requirements.txt
 	rm -rf .lock-venv
 
 # pip-audit runs from a throwaway virtualenv, so neither it nor its dependencies enter the lock.
