@@ -52,9 +52,13 @@ class Target:
     op: str = ">="
     unit: str = ""
     note: str = ""
+    # Why the target fails whatever ``measured`` says (e.g. some runs behind it crashed).
+    failed: str = ""
 
     @property
     def met(self) -> bool | None:
+        if self.failed:
+            return False
         if self.measured is None:
             return None
         return self.measured >= self.goal if self.op == ">=" else self.measured <= self.goal
@@ -65,7 +69,7 @@ class Target:
             "measured": None if self.measured is None else round(float(self.measured), 4),
             "goal": f"{self.op} {self.goal:g}{self.unit}",
             "met": self.met,
-            "note": self.note,
+            "note": f"{self.note} (not met: {self.failed})" if self.failed else self.note,
         }
 
 

@@ -6,9 +6,10 @@ each model (dense and pruned variants x Keras / TFLite float32 / dynamic-range /
 gzip bytes, ``ratio = dense Keras gzip / model gzip``, and the test accuracy, sensitivity,
 specificity, AUC and decision threshold. The targets concern the model the pipeline selected.
 
-The article (VGG-16 on PneumoniaMNIST, Keras ``.h5``): dense 56.19 MB, 51.42 MB gzipped; 50%
-sparsity 38.33 MB gzipped. Its "about 1.47x" is 56.19 / 38.33 (raw dense over gzipped pruned);
-on this section's definition (gzip over gzip) it is 51.42 / 38.33 = 1.34x.
+The article (VGG-16 on its own chest X-ray data, Keras ``.h5``): dense 56.19 MB, 51.42 MB
+gzipped; 50% sparsity 38.33 MB gzipped. Its "about 1.47x" is 56.19 / 38.33 (raw dense over
+gzipped pruned); on this section's definition (gzip over gzip) it is 51.42 / 38.33 = 1.34x. The
+table shows both.
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def table(summary: Mapping[str, Any]) -> dict[str, Any]:
     ratio = ARTICLE["dense_gzip_mb"] / ARTICLE["sparse50_gzip_mb"]
     sparse_gzip_mb = f"{ARTICLE['sparse50_gzip_mb']} MB"
     rows.append(["article: 50% sparsity (.h5)", "", sparse_gzip_mb, f"{ratio:.2f}", *blank])
+    # The article's own "about 1.47x" divides the raw dense file by the gzipped pruned one.
+    quoted = ARTICLE["dense_mb"] / ARTICLE["sparse50_gzip_mb"]
+    rows.append(
+        [
+            "article's quoted ratio: dense raw / 50% gzip",
+            dense_mb,
+            sparse_gzip_mb,
+            f"{quoted:.2f}",
+            *blank,
+        ]
+    )
     return {"columns": COLUMNS, "rows": rows}
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import re
@@ -39,29 +40,50 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import Context, Target
 
-# Dense fp16/bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets (SXM parts).
+# Dense fp16/bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets. A variant
+# (PCIe, NVL) comes before its family's SXM figure: the first key found in the name wins.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),
+    ("V100S", 130e12),
+    ("V100-PCIE", 112e12),
     ("V100", 125e12),
+    ("L40S", 362e12),
     ("L4", 121e12),
     ("T4", 65e12),
 )
 IMAGE_SIDE = 224
 BATCH = 32
 LARGE_BATCH = 256
-EPOCH_IMAGES = 1600  # 50 steps of the article's batch 32 per timed call
+# Images per timed call: 144 steps of the article's batch 32, 18 of the large batch (whole
+# batches on every side). Each call is one epoch of `model.fit`, so it includes the epoch's
+# input-pipeline start (the shuffle buffer's fill) as on the CPU; enough steps keep that small.
+EPOCH_IMAGES = 4608
 
 
 def peak_flops(device_name: str) -> float | None:
     """The dense fp16 peak FLOP/s of a GPU from its name (``"NVIDIA H100 80GB HBM3"``), or None.
 
-    A table key must appear as a whole token: ``L4`` does not match ``L40S``.
+    See :func:`peak_flops_key`.
     """
-    for key, value in PEAK_FLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){key}(?![A-Za-z0-9])", device_name, flags=re.IGNORECASE):
-            return value
+    key = peak_flops_key(device_name)
+    return None if key is None else dict(PEAK_FLOPS)[key]
+
+
+def peak_flops_key(device_name: str) -> str | None:
+    """The :data:`PEAK_FLOPS` entry that ``device_name`` matches, or None.
+
+    A key must appear as whole tokens (``L4`` does not match ``L40S``; a space in a key also
+    matches ``-`` or ``_``), and the first matching key wins, so variants precede their family.
+    """
+    for key, _ in PEAK_FLOPS:
+        pattern = r"[\s_-]+".join(re.escape(part) for part in re.split(r"[\s-]+", key))
+        if re.search(rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])", device_name, flags=re.I):
+            return key
     return None
 
 
@@ -180,7 +202,10 @@ def measure(
         # Each call reports its seconds up to on_train_end (Setup's timing, as in the throughput
         # section), so the tf.data teardown wait of (b)'s numpy feed is not counted; a/b is the
         # median of per-round paired ratios.
-        timings = common.paired_rounds(sides, ctx.repeats, warmup=0 if ctx.quick else 1)
+        rounds = ctx.repeats + ctx.repeats % 2  # even: every side as often in each position
+        timings = common.paired_rounds(
+            sides, rounds, warmup=0 if ctx.quick else 1, between=gc.collect
+        )
     peak = peak_flops(device_name)
     for stats in timings.values():
         stats["images_per_s"] = n_train / stats["median_s"]
@@ -207,6 +232,7 @@ def measure(
         "results": {
             "device": device_name,
             "peak_flops": peak,
+            "peak_flops_key": peak_flops_key(device_name),
             "image_shape": list(info.image_shape),
             "width": width,
             "training_flops_per_image": flops,

@@ -119,6 +119,17 @@ def _train(dataset: Path, out: Path, config, bounds: tuple[float, float]) -> dic
     }
 
 
+def range_test_failures(sweeps: list[dict], suggested: list[dict]) -> str:
+    """Why the accuracy target fails whatever the means say, or ``""``.
+
+    A seed whose range test suggested nothing, or whose suggested bounds diverged, is a failure
+    of the range test, not a seed to leave out of the comparison.
+    """
+    failures = [f"seed {s['seed']}: no suggestion" for s in sweeps if "max_lr" not in s]
+    failures += [f"seed {r['seed']}: diverged" for r in suggested if "diverged" in r]
+    return "; ".join(failures)
+
+
 def _span(sweeps: list[dict], key: str) -> str:
     """``"a..b"`` (or ``"a"``) of the suggested bound ``key`` over the seeds' sweeps."""
     values = sorted(s[key] for s in sweeps)
@@ -243,6 +254,12 @@ def run(ctx: Context) -> dict[str, Any]:
         f"({cost['article_steps']} steps). lr_finder.num_steps={config.lr_finder.num_steps} "
         f"comes from the {preset_name} preset (cycleprune/config.py)."
     )
+    if epoch_seconds:
+        cost_note += (
+            f" In seconds: {finder_seconds:.1f} s per range test (median; model build and "
+            f"tracing included) = {finder_seconds / epoch_seconds:.2f} x a steady training "
+            f"epoch of {epoch_seconds:.1f} s (validation and checkpoint included, tracing not)."
+        )
     if errors:
         cost_note += f" The range test gave no suggestion for {suggestion_error}"
     acc_note = "validation accuracy in points (100 x), suggested minus article bounds"
@@ -278,6 +295,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ">=",
                 unit=" pts",
                 note=acc_note,
+                failed=range_test_failures(sweeps, runs["suggested"]),
             ).to_dict(),
         ],
         "skipped": None,

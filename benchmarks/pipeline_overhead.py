@@ -9,8 +9,8 @@ a fresh pipeline root. Three clocks:
   log line (``summary.json`` ``pipeline.task_seconds``, and intervals recorded here);
 - *compute*: the seconds each component spends inside its one library call, which the
   components time with ``time.perf_counter`` around that call and ``summary.json`` reports as
-  ``seconds`` per stage (``configure``, ``push`` and ``report`` record none: their whole task
-  counts as overhead).
+  ``seconds`` per stage (every stage records them; one that did not would count wholly as
+  overhead).
 
 kfp.local runs the ``ParallelFor`` branches two at a time, so the stages' compute can add up to
 more than the wall and ``(wall - compute) / wall`` understates the overhead (it can go negative).
@@ -20,7 +20,8 @@ The target therefore uses the serial-equivalent share of time that is not comput
 
 which equals ``(wall - compute) / wall`` when the tasks run one after another. Both are
 reported. A second run with unchanged inputs in the same pipeline root measures kfp.local's
-cache; ``summary.json`` ``pipeline.cached`` says which stages it served.
+cache; ``summary.json`` ``pipeline.cached`` says which stages it served. Unlike the other
+sections, each of the two runs is one sample (a run of the ``small`` preset takes minutes).
 """
 
 from __future__ import annotations
@@ -291,12 +292,17 @@ def run(ctx: Context) -> dict[str, Any]:
         f"wall {figures['wall_s']:.1f} s, (wall - compute) / wall = {figures['naive']:.3f} "
         f"(ParallelFor branches overlap). Process start + imports, estimated: "
         f"{figures['tasks']} tasks x python+kfp {kfp_import:.1f} s + {tf_before + tf_in} tasks x "
-        f"tensorflow {tf_extra:.1f} s = {startup:.0f} s; the {tf_in} TF imports inside "
-        f"prepare_data's and compress's timed calls count as compute (as overhead: "
-        f"{consistent:.3f}). Between tasks: kfp.local itself."
+        f"tensorflow {tf_extra:.1f} s = {startup:.0f} s"
+        + (
+            f"; the {tf_in} TF imports inside timed calls count as compute (as overhead: "
+            f"{consistent:.3f})"
+            if tf_in
+            else ""
+        )
+        + ". Between tasks: kfp.local itself. One run (a single sample)."
     )
     rerun_note = (
-        f"rerun {second['wall_s']:.1f} s vs first {first['wall_s']:.1f} s; cached: "
+        f"one rerun {second['wall_s']:.1f} s vs first {first['wall_s']:.1f} s; cached: "
         f"{', '.join(second['cached']) or 'nothing'}; re-executed: {', '.join(executed)}. "
         "Every stage but push and report is cached (pipelines/pipeline.py CACHED_STAGES); "
         "run_local keeps the cached stages' outputs for the cache to serve."

@@ -65,6 +65,7 @@ def test_compression_section_targets_and_table(fake_run, tmp_path):
     assert selected[1:4] == [1_000_000, 150_000, "20.00"]
     assert selected[4] == "0.8850" and selected[7] == "0.9475" and selected[8] == "0.400"
     assert rows["article: 50% sparsity (.h5)"][3] == "1.34"  # 51.42 / 38.33
+    assert rows["article's quoted ratio: dense raw / 50% gzip"][3] == "1.47"  # 56.19 / 38.33
 
 
 def test_compression_needs_the_dense_keras_baseline():
@@ -314,3 +315,19 @@ def test_throughput_sides_on_tiny_data(tiny_dataset, tmp_path):
     for pair in ("a/b", "a/c"):
         assert result["paired"][pair]["n"] == 2
         assert result["ratios"][pair] > 0
+
+
+def test_a_range_test_that_suggests_nothing_or_diverges_fails_the_accuracy_target():
+    sweeps = [{"seed": 1, "max_lr": 0.1}, {"seed": 2, "seconds": 3.0}, {"seed": 3, "max_lr": 0.2}]
+    suggested = [
+        {"seed": 1, "val_accuracy": 0.9},
+        {"seed": 3, "diverged": "loss is NaN at step 12"},
+    ]
+    failed = lr_range.range_test_failures(sweeps, suggested)
+    assert failed == "seed 2: no suggestion; seed 3: diverged"
+    assert lr_range.range_test_failures(sweeps[:1], suggested[:1]) == ""
+    # The seeds left over may compare well: the target still fails, and says why.
+    target = common.Target("acc", 1.5, 0.0, note="n", failed=failed).to_dict()
+    assert target["met"] is False
+    assert target["note"] == "n (not met: seed 2: no suggestion; seed 3: diverged)"
+    assert common.Target("acc", None, 0.0, failed="x").met is False

@@ -318,7 +318,14 @@ def test_forward_flops_of_the_full_width_vgg():
         ("Tesla V100-SXM2-16GB", 125e12),
         ("Tesla T4", 65e12),
         ("NVIDIA L4", 121e12),
-        ("NVIDIA L40S", None),
+        ("NVIDIA L40S", 362e12),
+        # Variants before their family: PCIe and NVL parts run lower clocks than SXM.
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("Tesla V100-PCIE-16GB", 112e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA RTX A6000", None),
         ("cpu", None),
     ],
 )
