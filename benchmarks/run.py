@@ -80,9 +80,15 @@ def _lazy(name: str) -> SectionFn:
     return run
 
 
-def run_sections(ctx: Context, sections: Mapping[str, SectionFn]) -> dict[str, dict[str, Any]]:
-    """Run each section, catching its errors; returns ``{name: record}``."""
-    commit = _git_commit()
+def run_sections(
+    ctx: Context, sections: Mapping[str, SectionFn], host: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run each section, catching its errors; returns ``{name: record}``.
+
+    Each record names its own commit, whether the tree was dirty, and ``host`` (see
+    :func:`host_line`): merged runs (``--only``) keep where each section ran.
+    """
+    commit, dirty = _git_commit(), _git_dirty()
     records = {}
     for name, fn in sections.items():
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -103,6 +109,8 @@ def run_sections(ctx: Context, sections: Mapping[str, SectionFn]) -> dict[str, d
         record["wall_s"] = round(time.perf_counter() - started, 2)
         record["ran_at"] = _now()
         record["commit"] = commit
+        record["git_dirty"] = dirty
+        record["host"] = host
         records[name] = record
         status = "error" if record["error"] else "skipped" if record["skipped"] else "ok"
         print(f"[bench] {name}: {status} in {record['wall_s']} s", file=sys.stderr, flush=True)
@@ -147,6 +155,61 @@ def machine_record() -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": dirty,
         "started_utc": _now(),
+    }
+
+
+def host_line(machine: Mapping[str, Any], *, gpus_hidden: bool = False) -> str:
+    """One line naming the machine and the devices the sections used."""
+    gpus = ", ".join(g.get("device_name") or g["name"] for g in machine.get("gpus") or [])
+    used = "none" if not gpus else f"{gpus} (hidden from the CPU sections)" if gpus_hidden else gpus
+    return (
+        f"{machine.get('cpu')}, {machine.get('affinity_count')} usable cores, TensorFlow "
+        f"{machine.get('tensorflow')}; GPUs: {used}"
+    )
+
+
+def _hide_gpus() -> bool:
+    """Hide every GPU from this process and the processes it starts; False if too late."""
+    from cycleprune.compat import tf
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # children: latency, data_scaling, kfp.local tasks
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as err:  # TensorFlow already initialised its devices
+        print(f"[bench] could not hide the GPUs: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def _gpu_in_child(quick: bool, env: Mapping[str, str]) -> dict[str, Any]:
+    """The gpu section's record, from ``python -m benchmarks.run --only gpu`` in a child."""
+    started = time.perf_counter()
+    print("[bench] gpu ... (child process, GPUs visible)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="cycleprune-bench-gpu-") as out:
+        argv = [sys.executable, "-m", "benchmarks.run", "--only", "gpu", "--out", out]
+        done = subprocess.run(
+            [*argv, *(["--quick"] if quick else [])],
+            cwd=REPO,
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found = sorted(Path(out).glob("*.json"))
+        if found:
+            return json.loads(found[0].read_text())["sections"]["gpu"]
+    tail = "\n".join(done.stderr.rstrip().splitlines()[-_TRACEBACK_LINES:])
+    return {
+        "results": None,
+        "targets": [],
+        "skipped": None,
+        "error": f"the gpu child process exited with {done.returncode} and wrote no results",
+        "traceback": tail,
+        "wall_s": round(time.perf_counter() - started, 2),
+        "ran_at": _now(),
+        "commit": _git_commit(),
+        "git_dirty": _git_dirty(),
+        "host": None,
     }
 
 
@@ -280,6 +343,15 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
         for t in payload["targets"]
     ]
     lines += _table(["target", "section", "measured", "goal", "met", "note"], rows)
+    runs: dict[tuple, list[str]] = {}
+    for name, record in payload["sections"].items():
+        key = (record.get("commit"), record.get("git_dirty"), record.get("host"))
+        runs.setdefault(key, []).append(name)
+    if len(runs) > 1:  # merged from runs at different commits or on different machines
+        lines += ["", "Where each section ran:", ""]
+        for (commit, dirty, host), names in runs.items():
+            tree = f"{(commit or '?')[:7]}{' (dirty)' if dirty else ''}"
+            lines.append(f"- {', '.join(names)}: commit {tree}; {host or 'machine not recorded'}")
     for name, record in payload["sections"].items():
         lines += ["", f"## {name}", ""]
         if record.get("error"):
@@ -389,14 +461,22 @@ def main(
         available = {name: fn for name, fn in available.items() if name in args.only}
     started = time.perf_counter()
     machine = machine_record()
+    # The CPU sections' targets are CPU figures (and latency pits Keras against 1-thread
+    # TFLite): on a GPU machine they run with the GPUs hidden, and the gpu section runs in a
+    # child process that sees them.
+    child_env = dict(os.environ)
+    hidden = bool(machine["gpus"]) and any(name != "gpu" for name in available) and _hide_gpus()
+    here = {name: fn for name, fn in available.items() if not (hidden and name == "gpu")}
     work_dir = Path(tempfile.mkdtemp(prefix="cycleprune-bench-"))
     try:
         ctx = Context(
             quick=quick, work_dir=work_dir, repeats=QUICK_REPEATS if quick else FULL_REPEATS
         )
-        records = run_sections(ctx, available)
+        records = run_sections(ctx, here, host_line(machine, gpus_hidden=hidden))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    if hidden and "gpu" in available:
+        records["gpu"] = _gpu_in_child(quick, child_env)
     machine["wall_s"] = round(time.perf_counter() - started, 1)
     date = machine["started_utc"][:10]
     stem = f"quick-{date}" if quick else date

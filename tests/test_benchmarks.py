@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -263,6 +264,58 @@ def test_runner_only_merges_into_the_days_file(tmp_path, monkeypatch):
     assert [t["section"] for t in payload["targets"]] == ["good"]
 
 
+def test_runner_records_where_each_section_ran(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_QUICK", "1")
+    assert bench_run.main(["--only", "good", "--out", str(tmp_path)], sections=FAKE) == 0
+    (path,) = tmp_path.glob("quick-*.json")
+    payload = json.loads(path.read_text())
+    good = payload["sections"]["good"]
+    assert good["commit"] == payload["machine"]["git_commit"]
+    assert good["git_dirty"] == payload["machine"]["git_dirty"]
+    assert good["host"] == bench_run.host_line(payload["machine"])
+    assert "Where each section ran" not in path.with_suffix(".md").read_text()
+    # A later --only run at another commit: each section keeps its own, and the page says so.
+    monkeypatch.setattr(bench_run, "_git_commit", lambda: "f" * 40)
+    assert bench_run.main(["--only", "skipper", "--out", str(tmp_path)], sections=FAKE) == 0
+    markdown = path.with_suffix(".md").read_text()
+    assert "Where each section ran:" in markdown
+    assert "- skipper: commit fffffff" in markdown
+    assert f"- good: commit {good['commit'][:7]}" in markdown
+
+
+def test_runner_on_a_gpu_machine_hides_the_gpus_from_the_cpu_sections(tmp_path, monkeypatch):
+    machine = {**bench_run.machine_record(), "gpus": [{"name": "GPU:0", "device_name": "H200"}]}
+    monkeypatch.setattr(bench_run, "machine_record", lambda: dict(machine))
+    calls = []
+    monkeypatch.setattr(bench_run, "_hide_gpus", lambda: calls.append("hide") or True)
+
+    def child(quick, env):
+        calls.append(("child", quick))
+        return {"results": {"device": "H200"}, "targets": [], "skipped": None, "error": None,
+                "commit": "c" * 40, "git_dirty": False, "host": "the child"}  # fmt: skip
+
+    def in_process_gpu(ctx):
+        raise AssertionError("the gpu section must run in the child process")
+
+    def cpu(ctx):
+        calls.append("cpu")
+        return _good(ctx)
+
+    monkeypatch.setattr(bench_run, "_gpu_in_child", child)
+    sections = {"cpu": cpu, "gpu": in_process_gpu}
+    assert bench_run.main(["--quick", "--out", str(tmp_path)], sections=sections) == 0
+    assert calls == ["hide", "cpu", ("child", True)]
+    (path,) = tmp_path.glob("quick-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["sections"]["gpu"]["results"] == {"device": "H200"}
+    assert payload["sections"]["cpu"]["host"].endswith("GPUs: H200 (hidden from the CPU sections)")
+    # Only the gpu section asked for: it runs here, on the GPU, nothing hidden.
+    calls.clear()
+    sections = {"gpu": lambda ctx: calls.append("gpu here") or _skipper(ctx)}
+    assert bench_run.main(["--quick", "--out", str(tmp_path)], sections=sections) == 0
+    assert calls == ["gpu here"]
+
+
 def test_runner_rejects_unknown_sections(tmp_path):
     assert bench_run.main(["--only", "nope", "--out", str(tmp_path)], sections=FAKE) == 2
     assert not list(tmp_path.iterdir())
@@ -416,3 +469,12 @@ def test_ablation_table_leaves_out_files_of_other_studies(tmp_path, capsys):
     assert lines[2] == "| A_run | train.epochs=16 | 2 | 0.910 ± 0.014 | 0.970 ± 0.014 | - | - | - |"
     assert lines[3] == "| C_patched | weight decay 5e-5 | 1 | 0.900 | 0.970 | - | - | - |"
     assert "left out" in err and "B_offline.json" in err
+
+
+def test_gpu_section_in_a_child_process_returns_its_record():
+    from cycleprune.compat import tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is present")
+    record = bench_run._gpu_in_child(True, dict(os.environ))
+    assert record["skipped"] == "no GPU" and record["error"] is None
