@@ -96,7 +96,9 @@ def build_model(
                 name=f"block{b}_conv{i}",
             )(x)
             if config.batch_norm:
-                x = keras.layers.BatchNormalization(name=f"block{b}_bn{i}")(x)
+                x = keras.layers.BatchNormalization(
+                    momentum=config.bn_momentum, name=f"block{b}_bn{i}"
+                )(x)
             x = keras.layers.Activation("relu", name=f"block{b}_relu{i}")(x)
         if b <= _POOLED_BLOCKS:
             x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)

@@ -161,3 +161,13 @@ def test_load_model_errors_name_the_path(tmp_path):
         models.load_model(junk)
     with pytest.raises(FileNotFoundError, match=r"missing\.keras"):
         models.load_model(tmp_path / "missing.keras")
+
+
+def test_batchnorm_momentum_comes_from_the_config():
+    model = models.build_model(
+        ModelConfig(width=0.125, batch_norm=True, bn_momentum=0.9), (28, 28, 1), 2, seed=0
+    )
+    norms = [layer for layer in model.layers if layer.name.endswith("_bn1")]
+    assert norms and {layer.momentum for layer in norms} == {0.9}
+    with pytest.raises(ValueError, match=r"model\.bn_momentum"):
+        ModelConfig(bn_momentum=1.0)
