@@ -478,3 +478,20 @@ def test_gpu_section_in_a_child_process_returns_its_record():
         pytest.skip("a GPU is present")
     record = bench_run._gpu_in_child(True, dict(os.environ))
     assert record["skipped"] == "no GPU" and record["error"] is None
+
+
+def test_gpu_measurement_runs_on_the_cpu_with_a_tiny_model(tmp_path):
+    # The GPU section's whole path (mixed precision, XLA, the four sides, FLOPs, the table)
+    # on the CPU, so that a crash does not first show on a rationed GPU. Numbers meaningless.
+    ctx = common.Context(quick=True, work_dir=tmp_path, repeats=1)
+    out = gpu.measure(ctx, device_name="cpu", side=32, images=32, width=0.125, large_batch=16)
+    results = out["results"]
+    assert set(results["sides"]) == {"a", "b", "a_large_batch", "a_spe1"}
+    for stats in results["sides"].values():
+        assert len(stats["samples_s"]) == 2  # one round made even: each side in each position
+        assert stats["images_per_s"] > 0 and stats["mfu"] is None  # no peak for "cpu"
+    assert results["images_per_call"] == 32 and results["image_shape"] == [32, 32, 3]
+    assert results["training_flops_per_image"] > 0 and results["a_over_b"] > 0
+    assert [row[0] for row in results["table"]["rows"]] == ["a", "b", "a_large_batch", "a_spe1"]
+    (target,) = out["targets"]
+    assert target["name"] == "throughput a/b (GPU)" and target["measured"] > 0
