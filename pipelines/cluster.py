@@ -509,7 +509,8 @@ def submit_run(
         raise ValueError(f"Argument `timeout` must be > 0. Received: timeout={timeout}")
     if once and not run_name:
         raise ValueError(
-            "Argument `once` needs `run_name`: the run is recognised by its name. Received: "
+            "Argument `once` (--once) needs `run_name` (--run-name): the run is recognised by "
+            "its name. Received: "
             f"run_name={run_name!r}"
         )
     params = dict(params or {})

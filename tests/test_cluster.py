@@ -388,7 +388,7 @@ def test_submit_once_starts_one_run_per_name_however_often_it_is_retried(package
     assert "Run 'retrain-29381760' (r-1) already exists in experiment 'retrain'" in out
     lookups = [e for e in state["log"] if e["method"] == "GET" and e["path"] == f"{API}/runs"]
     assert [e["query"]["experiment_id"] for e in lookups] == [["e-1"]] * 3 + [["e-2"]]
-    with pytest.raises(ValueError, match="`once` needs `run_name`"):
+    with pytest.raises(ValueError, match=r"--once\) needs `run_name` \(--run-name\)"):
         cluster.submit_run("http://127.0.0.1:1", pipeline_name="tiny", once=True)
 
 
