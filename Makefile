@@ -16,7 +16,7 @@ help: ## List the targets
 $(STAMP): requirements.txt pyproject.toml
 	@$(PY) -m pip --version >/dev/null 2>&1 || { \
 	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	    echo "error: cycleprune needs Python >= 3.11; '$(PYTHON)' is not (set PYTHON=python3.11)" >&2; \
+	    echo "error: cycleprune needs Python >= 3.11; '$(PYTHON)' is missing or older (set PYTHON=python3.11)" >&2; \
 	    exit 1; }; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) || { \
 	    echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt install python3-venv" >&2; \

@@ -69,7 +69,9 @@ class Target:
             "measured": None if self.measured is None else round(float(self.measured), 4),
             "goal": f"{self.op} {self.goal:g}{self.unit}",
             "met": self.met,
-            "note": f"{self.note} (not met: {self.failed})" if self.failed else self.note,
+            "note": " ".join(filter(None, [self.note, f"(not met: {self.failed})"]))
+            if self.failed
+            else self.note,
         }
 
 

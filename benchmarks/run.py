@@ -58,6 +58,7 @@ SECTIONS = (
 )
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 QUICK_REPEATS = 2
+GPU_CHILD_TIMEOUT_S = 2 * 3600  # the gpu section's child process (minutes on a GPU)
 FULL_REPEATS = 5
 _TRACEBACK_LINES = 25
 
@@ -172,12 +173,12 @@ def _hide_gpus() -> bool:
     """Hide every GPU from this process and the processes it starts; False if too late."""
     from cycleprune.compat import tf
 
-    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # children: latency, data_scaling, kfp.local tasks
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError as err:  # TensorFlow already initialised its devices
         print(f"[bench] could not hide the GPUs: {err}", file=sys.stderr)
         return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # children: latency, data_scaling, kfp.local tasks
     return True
 
 
@@ -187,23 +188,30 @@ def _gpu_in_child(quick: bool, env: Mapping[str, str]) -> dict[str, Any]:
     print("[bench] gpu ... (child process, GPUs visible)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="cycleprune-bench-gpu-") as out:
         argv = [sys.executable, "-m", "benchmarks.run", "--only", "gpu", "--out", out]
-        done = subprocess.run(
-            [*argv, *(["--quick"] if quick else [])],
-            cwd=REPO,
-            env=dict(env),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                [*argv, *(["--quick"] if quick else [])],
+                cwd=REPO,
+                env=dict(env),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=GPU_CHILD_TIMEOUT_S,
+            )
+            status, stderr = f"exited with {done.returncode}", done.stderr
+        except subprocess.TimeoutExpired as err:
+            status = f"ran past {GPU_CHILD_TIMEOUT_S} s"
+            raw = err.stderr or b""  # bytes, even with text=True
+            stderr = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         found = sorted(Path(out).glob("*.json"))
         if found:
             return json.loads(found[0].read_text())["sections"]["gpu"]
-    tail = "\n".join(done.stderr.rstrip().splitlines()[-_TRACEBACK_LINES:])
+    tail = "\n".join(stderr.rstrip().splitlines()[-_TRACEBACK_LINES:])
     return {
         "results": None,
         "targets": [],
         "skipped": None,
-        "error": f"the gpu child process exited with {done.returncode} and wrote no results",
+        "error": f"the gpu child process {status} and wrote no results",
         "traceback": tail,
         "wall_s": round(time.perf_counter() - started, 2),
         "ran_at": _now(),
@@ -477,6 +485,7 @@ def main(
         shutil.rmtree(work_dir, ignore_errors=True)
     if hidden and "gpu" in available:
         records["gpu"] = _gpu_in_child(quick, child_env)
+        records = {name: records[name] for name in available}  # section order
     machine["wall_s"] = round(time.perf_counter() - started, 1)
     date = machine["started_utc"][:10]
     stem = f"quick-{date}" if quick else date

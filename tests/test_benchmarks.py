@@ -184,6 +184,12 @@ def test_paired_ratio_rejects_bad_samples(numerator, denominator, match):
 # The runner
 
 
+@pytest.fixture(autouse=True)
+def _no_gpu_hiding(monkeypatch):
+    # On a GPU machine the runner would hide the GPUs from this test process for good.
+    monkeypatch.setattr(bench_run, "_hide_gpus", lambda: False)
+
+
 def _good(ctx):
     assert ctx.repeats == bench_run.QUICK_REPEATS
     return {
