@@ -873,7 +873,13 @@ def _run_training(
             max_to_keep=TRAIN_CHECKPOINTS_TO_KEEP,
             on_checkpoint=on_checkpoint,
             steps_per_execution=config.train.steps_per_execution,
-            resume_key={"dataset": info.version},
+            # The model's and the input's settings shape every step but live in no checkpoint
+            # (BatchNorm momentum, dropout, augmentation, class weights).
+            resume_key={
+                "dataset": info.version,
+                "model": dataclasses.asdict(config.model),
+                "data": dataclasses.asdict(config.data),
+            },
         )
 
     lrs = schedules.clr(

@@ -272,8 +272,23 @@ def test_resume_refuses_checkpoints_written_under_other_settings(
             max_lr=MAX_LR,
             checkpoint_dir=checkpoints,
         )
+    # Settings no checkpoint holds: the model's BatchNorm momentum, the input's augmentation.
+    for field, changed in (
+        ("model.bn_momentum", config.override(["model.bn_momentum=0.5"])),
+        ("data.augment", config.override([f"data.augment={not config.data.augment}"])),
+    ):
+        with pytest.raises(ValueError, match=rf"checkpoints of a run with {field}="):
+            training.run_training(
+                tiny_dataset,
+                tmp_path / "o3",
+                changed,
+                min_lr=MIN_LR,
+                max_lr=MAX_LR,
+                checkpoint_dir=checkpoints,
+            )
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "o3").exists()
 
 
 def test_divergence_stops_with_step_and_lr(tiny_dataset, tmp_path):
