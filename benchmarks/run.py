@@ -303,17 +303,12 @@ def _now() -> str:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename)."""
+    """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename), with
+    the permissions the umask gives a new file (not ``mkstemp``'s 0600)."""
+    from cycleprune import storage
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    storage.atomic_write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

@@ -256,6 +256,9 @@ def test_runner_writes_json_and_markdown_and_fails_on_error(tmp_path):
     assert "- TensorFlow threads: intra_op " in markdown
     assert "ValueError: boom in section" in markdown
     assert not list(tmp_path.glob(".*tmp"))  # the atomic writes left no temporary file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_runner_only_merges_into_the_days_file(tmp_path, monkeypatch):
