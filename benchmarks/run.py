@@ -308,15 +308,8 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     from cycleprune import storage
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage.atomic_write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
+    # to_json_value converts numpy values and Paths; the sections keep their order (no sorting).
+    storage.atomic_write_text(path, json.dumps(storage.to_json_value(payload), indent=2) + "\n")
 
 
 def render_markdown(payload: Mapping[str, Any]) -> str:
