@@ -145,14 +145,15 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for pair in ("a/c", "a/b"):
             goal = 0.97 if pair == "a/c" else 1.05
             paired = result["paired"][pair]
-            targets.append(
-                Target(
-                    f"throughput {pair} ({name})",
-                    paired["median"],
-                    goal,
-                    note=f"{spread(paired)}; {notes[pair]}",
+            note = f"{spread(paired)}; {notes[pair]}"
+            callback = result.get("article_callback")
+            if pair == "a/b" and callback:
+                note += (
+                    f"; (b)'s callback takes {callback['hook_ms_per_step']:.2f} ms of its "
+                    f"{callback['b_ms_per_step']:.1f} ms step ({callback['share_of_b_step']:.2%}):"
+                    f" without it, (b) would be at most {callback['a_over_b_bound']:.4f}x faster"
                 )
-            )
+            targets.append(Target(f"throughput {pair} ({name})", paired["median"], goal, note=note))
         for pair, paired in result["paired"].items():
             if paired is not None:
                 ratio_rows.append(
@@ -166,6 +167,44 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         round(paired["ratio_of_medians"], 4),
                     ]
                 )
+    callback_rows = [
+        [
+            label,
+            round(callback["hook_ms_per_step"], 3),
+            round(callback["b_ms_per_step"], 2),
+            f"{callback['share_of_b_step']:.2%}",
+            round(callback["a_over_b_bound"], 4),
+            callback["batches"],
+        ]
+        for label, result in presets.items()
+        if (callback := result.get("article_callback"))
+    ]
+    tables = {
+        "paired ratios (images/s over images/s, per round)": {
+            "columns": [
+                "model",
+                "ratio",
+                "median",
+                "IQR",
+                "min - max",
+                "rounds",
+                "ratio of medians",
+            ],
+            "rows": ratio_rows,
+        }
+    }
+    if callback_rows:
+        tables["the article's callback: host time of its per-batch hook in (b)"] = {
+            "columns": [
+                "model",
+                "hook ms per step",
+                "(b) ms per step (median)",
+                "share",
+                "a/b from removing it alone",
+                "batches",
+            ],
+            "rows": callback_rows,
+        }
     return {
         "results": {
             "a_over_b_small": small["ratios"]["a/b"],
@@ -193,20 +232,7 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 ],
                 "rows": rows,
             },
-            "tables": {
-                "paired ratios (images/s over images/s, per round)": {
-                    "columns": [
-                        "model",
-                        "ratio",
-                        "median",
-                        "IQR",
-                        "min - max",
-                        "rounds",
-                        "ratio of medians",
-                    ],
-                    "rows": ratio_rows,
-                }
-            },
+            "tables": tables,
         },
         "targets": [t.to_dict() for t in targets],
         "skipped": None,
@@ -269,6 +295,7 @@ def _compare(
         timings,
         images=images,
         startup=setup.pipeline_startup(ctx.repeats),
+        callback=setup.callback_time(),
         info={
             "preset": preset,
             "model": dataclasses.asdict(config.model),
@@ -290,6 +317,7 @@ def compare_timings(
     images: int,
     startup: dict[str, Any],
     info: dict[str, Any],
+    callback: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One preset's result from :func:`benchmarks.common.paired_rounds`' timings of its sides.
 
@@ -297,6 +325,12 @@ def compare_timings(
     minus recorded time: median, max) to every side; ``paired`` holds
     :func:`benchmarks.common.paired_ratio` of each ratio (``None`` when a side is missing) and
     ``ratios`` its median.
+
+    ``callback`` (from :meth:`Setup.callback_time`: the seconds (b)'s ``CyclicLR`` spent in its
+    per-batch hook, over how many batches) becomes ``article_callback``: its milliseconds per
+    step, (b)'s median milliseconds per step, the callback's share of it, and ``a_over_b_bound``
+    = 1 / (1 - share), the a/b that taking the callback out of (b) would give if nothing else
+    differed: what the in-graph schedule can gain over it by itself.
     """
     for stats in timings.values():
         stats["images_per_s"] = images / stats["median_s"]
@@ -320,14 +354,48 @@ def compare_timings(
         "a_jit/a": faster("a_jit", "a"),
         "a_augment/a": faster("a_augment", "a"),
     }
+    article_callback = None
+    if callback is not None and callback["calls"] and "b" in timings:
+        hook_ms = 1000 * callback["seconds"] / callback["calls"]
+        step_ms = 1000 * timings["b"]["median_s"] / info["steps"]
+        share = hook_ms / step_ms
+        article_callback = {
+            "hook_ms_per_step": hook_ms,
+            "b_ms_per_step": step_ms,
+            "share_of_b_step": share,
+            "a_over_b_bound": 1 / (1 - share) if share < 1 else math.inf,
+            "batches": callback["calls"],
+        }
     return {
         **info,
         "sides": timings,
         "paired": paired,
+        "article_callback": article_callback,
         "ratios": {pair: None if p is None else p["median"] for pair, p in paired.items()},
         "epoch_startup": startup,
         "epoch_startup_share_of_a": startup["median_s"] / timings["a"]["median_s"],
     }
+
+
+def timed_cyclic_lr(**kwargs: Any) -> Any:
+    """The article's :class:`~benchmarks.article_callback.CyclicLR` (same arguments), which also
+    sums the host seconds spent in its per-batch hook (``hook_s``) and counts the calls
+    (``hook_calls``). Two ``perf_counter`` reads per batch are all it adds."""
+    from benchmarks.article_callback import CyclicLR
+
+    class TimedCyclicLR(CyclicLR):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.hook_s = 0.0
+            self.hook_calls = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            start = time.perf_counter()
+            super().on_train_batch_end(batch, logs)
+            self.hook_s += time.perf_counter() - start
+            self.hook_calls += 1
+
+    return TimedCyclicLR(**kwargs)
 
 
 class Setup:
@@ -472,7 +540,6 @@ class Setup:
         return fit
 
     def article(self, *, jit: bool = False) -> Callable[[], Any]:
-        from benchmarks.article_callback import CyclicLR
         from cycleprune import data, losses
         from cycleprune.compat import keras
 
@@ -490,7 +557,7 @@ class Setup:
             metrics=self._metrics(),
             jit_compile=jit,
         )
-        clr = CyclicLR(
+        clr = self._clr = timed_cyclic_lr(
             base_lr=low, max_lr=high, step_size=self.step_size, mode=self.config.schedule.policy
         )
         batch = self.config.data.batch_size
@@ -507,7 +574,16 @@ class Setup:
             )
         )
         fit()  # warm-up: tracing
+        clr.hook_s, clr.hook_calls = 0.0, 0
         return fit
+
+    def callback_time(self) -> dict[str, float] | None:
+        """The seconds (b)'s callback spent in its per-batch hook since the warm-up, and over how
+        many batches (``None`` before :meth:`article`)."""
+        clr = getattr(self, "_clr", None)
+        if clr is None:
+            return None
+        return {"seconds": clr.hook_s, "calls": clr.hook_calls}
 
     def plain(self, *, jit: bool = False) -> Callable[[], Any]:
         from cycleprune import losses

@@ -229,11 +229,13 @@ def _side(samples, teardown=0.0):
     return {**common.summarize(samples), "wall_samples_s": walls}
 
 
-def _preset(sides, steps=10, batch=32):
+def _preset(sides, steps=10, batch=32, callback=None):
     startup = common.summarize([0.05, 0.05])
     info = {"preset": "p", "batch_size": batch, "steps": steps, "rounds": 4}
     timings = {name: _side(*args) for name, args in sides.items()}
-    return throughput.compare_timings(timings, images=steps * batch, startup=startup, info=info)
+    return throughput.compare_timings(
+        timings, images=steps * batch, startup=startup, info=info, callback=callback
+    )
 
 
 def test_throughput_ratios_are_paired_per_round():
@@ -261,6 +263,24 @@ def test_throughput_ratios_are_paired_per_round():
     assert sides["b"]["teardown_max_s"] == pytest.approx(0.0, abs=1e-9)
     assert result["epoch_startup_share_of_a"] == pytest.approx(0.05 / 1.35)
     assert result["rounds"] == 4 and result["steps"] == 10
+    assert result["article_callback"] is None  # no callback time given
+
+
+def test_throughput_callback_share_and_bound():
+    # (b) takes a median 1.5 s for 10 steps = 150 ms per step; its hook took 0.6 s over 40
+    # batches = 15 ms per step: 10% of the step, so without it (b) would be 1 / 0.9 x faster.
+    result = _preset(
+        {"a": ([1.0, 1.0],), "b": ([1.5, 1.5],), "c": ([1.0, 1.0],)},
+        callback={"seconds": 0.6, "calls": 40},
+    )
+    callback = result["article_callback"]
+    assert callback["hook_ms_per_step"] == pytest.approx(15.0)
+    assert callback["b_ms_per_step"] == pytest.approx(150.0)
+    assert callback["share_of_b_step"] == pytest.approx(0.1)
+    assert callback["a_over_b_bound"] == pytest.approx(1 / 0.9)
+    assert callback["batches"] == 40
+    nothing = _preset({"a": ([1.0],), "b": ([1.5],)}, callback={"seconds": 0.0, "calls": 0})
+    assert nothing["article_callback"] is None
 
 
 def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
@@ -270,7 +290,9 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
         seen.append((preset, steps, extras))
         sides = {"a": ([1.0, 1.0],), "b": ([1.02, 1.06],), "c": ([0.98, 0.99],)}
         sides.update({name: ([1.5, 1.5],) for name in extras})
-        return _preset(sides, steps=steps or 74, batch=64)
+        # The callback: 0.0208 s over 4 batches = 5.2 ms of (b)'s 1.04 s / steps.
+        callback = {"seconds": 0.0208, "calls": 4} if preset == "seed" else None
+        return _preset(sides, steps=steps or 74, batch=64, callback=callback)
 
     monkeypatch.setattr(common, "prepared_dataset", lambda ctx: tmp_path)
     monkeypatch.setattr(throughput, "_compare", fake_compare)
@@ -287,7 +309,13 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     assert ab["measured"] == pytest.approx(1.04)  # median of 1.02 and 1.06
     assert ab["met"] is False and ab["goal"] == ">= 1.05"
     assert ab["note"].startswith("median of 2 per-round ratios, IQR 1.030-1.050, range 1.020-1.060")
-    assert "numpy arrays" in ab["note"]
+    assert "numpy arrays" in ab["note"] and "callback takes" not in ab["note"]
+    full_ab = targets["throughput a/b (full width)"]["note"]
+    # (b): 1.04 s / 2 steps = 520 ms per step, of which 5.2 ms (1%) in the callback.
+    assert full_ab.endswith(
+        "(b)'s callback takes 5.20 ms of its 520.0 ms step (1.00%): "
+        "without it, (b) would be at most 1.0101x faster"
+    )
     assert targets["throughput a/c (full width)"]["measured"] == pytest.approx(0.985)
     results = out["results"]
     assert results["a_over_b_small"] == pytest.approx(1.04)
@@ -295,8 +323,11 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     assert results["augment_over_a_small"] is None
     assert results["a_over_spe1_small"] == pytest.approx(1.5)  # (a) runs 1.0 s, a_spe1 1.5 s
     assert len(results["table"]["rows"]) == 5 + 3  # small: a b c a_spe1 a_jit; full width: a b c
-    ratio_rows = next(iter(results["tables"].values()))["rows"]
-    assert ["small", "a/b", 1.04, "1.0300 - 1.0500", "1.0200 - 1.0600", 2, 1.04] in ratio_rows
+    ratio_table, callback_table = results["tables"].values()
+    assert ["small", "a/b", 1.04, "1.0300 - 1.0500", "1.0200 - 1.0600", 2, 1.04] in ratio_table[
+        "rows"
+    ]
+    assert callback_table["rows"] == [["full_width", 5.2, 520.0, "1.00%", 1.0101, 4]]
     json.dumps(out)  # JSON-serialisable as is
 
 
@@ -315,6 +346,11 @@ def test_throughput_sides_on_tiny_data(tiny_dataset, tmp_path):
     for pair in ("a/b", "a/c"):
         assert result["paired"][pair]["n"] == 2
         assert result["ratios"][pair] > 0
+    # (b)'s callback hook ran once per timed step (2 rounds x 2 steps; the warm-up not counted).
+    callback = result["article_callback"]
+    assert callback["batches"] == 4
+    assert 0 < callback["hook_ms_per_step"] < callback["b_ms_per_step"]
+    assert callback["a_over_b_bound"] > 1
 
 
 def test_a_range_test_that_suggests_nothing_or_diverges_fails_the_accuracy_target():
