@@ -740,7 +740,10 @@ def _small() -> Config:
     0.865 over 3 seeds, sensitivity 0.988 -> 0.984 (the sixth round). BatchNorm's moving
     statistics use momentum 0.9 instead of 0.99 (the eighth round): dense test accuracy 0.935 ->
     0.943 at equal AUC (0.980), its spread over 3 seeds 0.005 -> 0.0005; after the LR range
-    benchmark's 4-epoch run, validation accuracy 0.871 -> 0.917 over 8 seeds.
+    benchmark's 4-epoch run, validation accuracy 0.871 -> 0.917 over 8 seeds. The training
+    images' random shifts, rotations and zooms are ``DataConfig``'s defaults, measured in the
+    ninth round: without them the dense test AUC falls 0.980 -> 0.958; 1.5-2x stronger, the
+    accuracy 0.943 -> 0.927.
     """
     return Config(
         data=DataConfig(batch_size=64, contrast=0.2),
