@@ -65,6 +65,14 @@ Method:
   (:func:`benchmarks.common.paired_ratio`), which cancels a drift of the machine over the run;
   the quartiles and the range of the per-round ratios are in the results and the target's
   note, and each side's median images/s is kept, with the old ratio of medians beside.
+- **The callback's own cost.** (b)'s callback sums the host time of its per-batch hook
+  (:func:`timed_cyclic_lr`: read the LR, compute the next, write it, keep the history) after
+  the warm-up; ``article_callback`` relates it to (b)'s median step time. ``1 / (1 - share)``
+  is the a/b that removing the callback alone would give: where it stays under 1.05, no
+  in-graph schedule can meet the a/b target on that model and machine unless its step is
+  faster than Keras' own step for other reasons (which a/c measures). It leaves out what Keras
+  does per step for such a callback outside its hook (turning the batch's logs into Python
+  numbers), which is not timed.
 - **Threads.** TensorFlow's thread pools are left at their defaults (one thread per usable
   core); they are process-wide, so every side shares them. ``benchmarks.run`` records the
   setting in the machine record.
