@@ -16,6 +16,10 @@ loss, metrics and training images) for the same number of steps per timed call:
 - **b, article**: the article's approach, :class:`benchmarks.article_callback.CyclicLR`, a Python
   callback that reads and sets the LR after every batch, and ``model.fit`` on numpy arrays with
   ``class_weight=`` (as in the article); the same loss, not wrapped, same metrics.
+- **b_nocb, article without its callback**: (b) as it is, without ``CyclicLR`` (a constant
+  LR): b_nocb/b is the whole per-batch cost of the article's callback (its hook, and what
+  Keras does each batch for a callback that reads the logs), and a/b_nocb the rest of a/b
+  (the feed, and the 16-step loop that (b) cannot use).
 - **c, plain**: ``model.fit`` with a constant LR (SGD + momentum, the same loss not wrapped,
   same metrics), fed by the same ``tf.data`` pipeline as (a): a/c is the cost of the library's
   training step (in-graph schedule, NaN check) over the cheapest Keras step.
@@ -58,21 +62,19 @@ Method:
   epoch, which is why its pipelines turn autotuning off.
 - **Paired rounds.** After one untimed warm-up fit per model (tracing) and, in full mode, one
   untimed round, the sides run in :data:`FULL_ROUNDS` rounds (``ctx.repeats`` in quick mode),
-  each side once per round, in the order b a c (extras) and reversed every other round
+  each side once per round, in the order b_nocb b a c (extras) and reversed every other round
   (:func:`benchmarks.common.paired_rounds`); ``gc.collect()`` runs untimed after every call.
 - **Ratios.** Each ratio (images/s of one side over another's, same images per call) is the
   median of the per-round ratios of the two sides' calls of the same round, timed back to back
   (:func:`benchmarks.common.paired_ratio`), which cancels a drift of the machine over the run;
   the quartiles and the range of the per-round ratios are in the results and the target's
   note, and each side's median images/s is kept, with the old ratio of medians beside.
-- **The callback's own cost.** (b)'s callback sums the host time of its per-batch hook
-  (:func:`timed_cyclic_lr`: read the LR, compute the next, write it, keep the history) after
-  the warm-up; ``article_callback`` relates it to (b)'s median step time. ``1 / (1 - share)``
-  is the a/b that removing the callback alone would give: where it stays under 1.05, no
-  in-graph schedule can meet the a/b target on that model and machine unless its step is
-  faster than Keras' own step for other reasons (which a/c measures). It leaves out what Keras
-  does per step for such a callback outside its hook (turning the batch's logs into Python
-  numbers), which is not timed.
+- **The callback's cost.** Measured two ways. b_nocb/b (paired, as every ratio) is what
+  taking the callback out of (b) gains. And (b)'s callback times its own per-batch hook
+  (:func:`timed_cyclic_lr`: read the LR, compute the next, write it, keep the history) in
+  every timed call; ``article_callback`` holds the median call's hook time per step and its
+  share of (b)'s median step. The hook is only part of the cost: Keras also turns the batch's
+  logs into Python numbers for such a callback, outside the hook.
 - **Threads.** TensorFlow's thread pools are left at their defaults (one thread per usable
   core); they are process-wide, so every side shares them. ``benchmarks.run`` records the
   setting in the machine record.
@@ -105,10 +107,12 @@ from benchmarks.common import Context, Target
 ARTICLE_BOUNDS = (1e-3, 1e-1)
 FULL_WIDTH_STEPS = 20
 FULL_ROUNDS = 8  # paired rounds in full mode (at least ctx.repeats; made even)
-ORDER = ("b", "a", "c")  # round order (reversed every other round): (a) next to (b) and (c)
+# Round order (reversed every other round): each side next to the ones it is compared with.
+ORDER = ("b_nocb", "b", "a", "c")
 DESCRIPTIONS = {
     "a": "cycleprune: training.fit path, in-graph CLR, tf.data",
     "b": "article: CyclicLR callback, numpy arrays",
+    "b_nocb": "(b) without its callback (constant LR)",
     "c": "plain model.fit, constant LR, same tf.data",
     "a_jit": "(a) with jit_compile=True (XLA)",
     "a_augment": "(a) with the library's augmentation on",
@@ -154,12 +158,18 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             goal = 0.97 if pair == "a/c" else 1.05
             paired = result["paired"][pair]
             note = f"{spread(paired)}; {notes[pair]}"
+            without = result["paired"].get("b_nocb/b")
+            if pair == "a/b" and without is not None:
+                note += (
+                    f"; without its callback (b) is {without['median']:.3f}x as fast "
+                    f"(IQR {without['q1']:.3f}-{without['q3']:.3f}), "
+                    f"a/b_nocb {result['ratios']['a/b_nocb']:.3f}"
+                )
             callback = result.get("article_callback")
             if pair == "a/b" and callback:
                 note += (
-                    f"; (b)'s callback takes {callback['hook_ms_per_step']:.2f} ms of its "
-                    f"{callback['b_ms_per_step']:.1f} ms step ({callback['share_of_b_step']:.2%}):"
-                    f" without it, (b) would be at most {callback['a_over_b_bound']:.4f}x faster"
+                    f"; the callback's hook takes {callback['hook_ms_per_step']:.2f} ms of (b)'s "
+                    f"{callback['b_ms_per_step']:.1f} ms step ({callback['share_of_b_step']:.2%})"
                 )
             targets.append(Target(f"throughput {pair} ({name})", paired["median"], goal, note=note))
         for pair, paired in result["paired"].items():
@@ -181,8 +191,9 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             round(callback["hook_ms_per_step"], 3),
             round(callback["b_ms_per_step"], 2),
             f"{callback['share_of_b_step']:.2%}",
-            round(callback["a_over_b_bound"], 4),
-            callback["batches"],
+            _round(result["ratios"].get("b_nocb/b")),
+            _round(result["ratios"].get("a/b_nocb")),
+            callback["calls"],
         ]
         for label, result in presets.items()
         if (callback := result.get("article_callback"))
@@ -202,14 +213,15 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
     }
     if callback_rows:
-        tables["the article's callback: host time of its per-batch hook in (b)"] = {
+        tables["the article's callback: its per-batch hook's host time, and (b) without it"] = {
             "columns": [
                 "model",
-                "hook ms per step",
+                "hook ms per step (median call)",
                 "(b) ms per step (median)",
-                "share",
-                "a/b from removing it alone",
-                "batches",
+                "hook share",
+                "b_nocb/b",
+                "a/b_nocb",
+                "timed calls",
             ],
             "rows": callback_rows,
         }
@@ -222,6 +234,8 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "jit_over_a_small": small["ratios"]["a_jit/a"],
             "a_over_spe1_small": small["ratios"]["a/a_spe1"],
             "augment_over_a_small": small["ratios"]["a_augment/a"],
+            "nocb_over_b_small": small["ratios"]["b_nocb/b"],
+            "nocb_over_b_full_width": full["ratios"]["b_nocb/b"],
             "rounds": small["rounds"],
             "epoch_startup_s_small": small["epoch_startup"]["median_s"],
             "epoch_startup_share_of_a_small": small["epoch_startup_share_of_a"],
@@ -245,6 +259,10 @@ def assemble(presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "targets": [t.to_dict() for t in targets],
         "skipped": None,
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def spread(paired: dict[str, Any]) -> str:
@@ -286,6 +304,7 @@ def _compare(
         "a": setup.library(),
         "b": setup.article(),
         "c": setup.plain(),
+        "b_nocb": setup.article(callback=False),
     }
     if "a_spe1" in extras:
         built["a_spe1"] = setup.library(steps_per_execution=1)
@@ -298,12 +317,12 @@ def _compare(
     rounds += rounds % 2  # even: every side as often in each position
     # Every side was warmed up (traced) when it was built; one more untimed round in full mode.
     timings = common.paired_rounds(sides, rounds, warmup=0 if ctx.quick else 1, between=gc.collect)
-    timings = {name: timings[name] for name in built}  # a, b, c, extras in the tables
+    timings = {name: timings[name] for name in built}  # a, b, c, b_nocb, extras in the tables
     return compare_timings(
         timings,
         images=images,
         startup=setup.pipeline_startup(ctx.repeats),
-        callback=setup.callback_time(),
+        callback=setup.callback_time(rounds),
         info={
             "preset": preset,
             "model": dataclasses.asdict(config.model),
@@ -335,10 +354,8 @@ def compare_timings(
     ``ratios`` its median.
 
     ``callback`` (from :meth:`Setup.callback_time`: the seconds (b)'s ``CyclicLR`` spent in its
-    per-batch hook, over how many batches) becomes ``article_callback``: its milliseconds per
-    step, (b)'s median milliseconds per step, the callback's share of it, and ``a_over_b_bound``
-    = 1 / (1 - share), the a/b that taking the callback out of (b) would give if nothing else
-    differed: what the in-graph schedule can gain over it by itself.
+    per-batch hook in each timed call) becomes ``article_callback``: the median call's hook
+    milliseconds per step, (b)'s median milliseconds per step, and the hook's share of it.
     """
     for stats in timings.values():
         stats["images_per_s"] = images / stats["median_s"]
@@ -358,21 +375,21 @@ def compare_timings(
     paired = {
         "a/b": faster("a", "b"),
         "a/c": faster("a", "c"),
+        "b_nocb/b": faster("b_nocb", "b"),
+        "a/b_nocb": faster("a", "b_nocb"),
         "a/a_spe1": faster("a", "a_spe1"),
         "a_jit/a": faster("a_jit", "a"),
         "a_augment/a": faster("a_augment", "a"),
     }
     article_callback = None
-    if callback is not None and callback["calls"] and "b" in timings:
-        hook_ms = 1000 * callback["seconds"] / callback["calls"]
+    if callback is not None and callback["samples_s"] and "b" in timings:
+        hook_ms = 1000 * statistics.median(callback["samples_s"]) / info["steps"]
         step_ms = 1000 * timings["b"]["median_s"] / info["steps"]
-        share = hook_ms / step_ms
         article_callback = {
             "hook_ms_per_step": hook_ms,
             "b_ms_per_step": step_ms,
-            "share_of_b_step": share,
-            "a_over_b_bound": 1 / (1 - share) if share < 1 else math.inf,
-            "batches": callback["calls"],
+            "share_of_b_step": hook_ms / step_ms,
+            "calls": len(callback["samples_s"]),
         }
     return {
         **info,
@@ -387,21 +404,19 @@ def compare_timings(
 
 def timed_cyclic_lr(**kwargs: Any) -> Any:
     """The article's :class:`~benchmarks.article_callback.CyclicLR` (same arguments), which also
-    sums the host seconds spent in its per-batch hook (``hook_s``) and counts the calls
-    (``hook_calls``). Two ``perf_counter`` reads per batch are all it adds."""
+    sums the host seconds spent in its per-batch hook (``hook_s``). Two ``perf_counter`` reads
+    per batch are all it adds."""
     from benchmarks.article_callback import CyclicLR
 
     class TimedCyclicLR(CyclicLR):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.hook_s = 0.0
-            self.hook_calls = 0
 
         def on_train_batch_end(self, batch, logs=None):
             start = time.perf_counter()
             super().on_train_batch_end(batch, logs)
             self.hook_s += time.perf_counter() - start
-            self.hook_calls += 1
 
     return TimedCyclicLR(**kwargs)
 
@@ -547,7 +562,10 @@ class Setup:
             fit()  # warm-up: XLA compilation
         return fit
 
-    def article(self, *, jit: bool = False) -> Callable[[], Any]:
+    def article(self, *, jit: bool = False, callback: bool = True) -> Callable[[], Any]:
+        """(b): the article's ``fit`` on numpy arrays; ``callback=False`` leaves out its
+        ``CyclicLR`` (the LR stays at the lower bound). With the callback, each call also
+        appends the host seconds of its per-batch hook to ``self.hook_samples``."""
         from cycleprune import data, losses
         from cycleprune.compat import keras
 
@@ -565,9 +583,10 @@ class Setup:
             metrics=self._metrics(),
             jit_compile=jit,
         )
-        clr = self._clr = timed_cyclic_lr(
+        clr = timed_cyclic_lr(
             base_lr=low, max_lr=high, step_size=self.step_size, mode=self.config.schedule.policy
         )
+        per_batch = [clr] if callback else []
         batch = self.config.data.batch_size
         fit = self._timed(
             lambda callbacks: model.fit(
@@ -577,21 +596,30 @@ class Setup:
                 epochs=1,
                 steps_per_epoch=steps,
                 class_weight=self.class_weight,
-                callbacks=[clr, *callbacks],
+                callbacks=[*per_batch, *callbacks],
                 verbose=0,
             )
         )
         fit()  # warm-up: tracing
-        clr.hook_s, clr.hook_calls = 0.0, 0
-        return fit
+        if not callback:
+            return fit
+        self.hook_samples: list[float] = []
 
-    def callback_time(self) -> dict[str, float] | None:
-        """The seconds (b)'s callback spent in its per-batch hook since the warm-up, and over how
-        many batches (``None`` before :meth:`article`)."""
-        clr = getattr(self, "_clr", None)
-        if clr is None:
+        def timed() -> float:
+            before = clr.hook_s
+            seconds = fit()
+            self.hook_samples.append(clr.hook_s - before)
+            return seconds
+
+        return timed
+
+    def callback_time(self, timed_calls: int) -> dict[str, list[float]] | None:
+        """The hook seconds of (b)'s last ``timed_calls`` calls (the timed rounds, which come
+        after any untimed ones), or ``None`` before :meth:`article` ran with its callback."""
+        samples = getattr(self, "hook_samples", None)
+        if not samples:
             return None
-        return {"seconds": clr.hook_s, "calls": clr.hook_calls}
+        return {"samples_s": samples[-timed_calls:]}
 
     def plain(self, *, jit: bool = False) -> Callable[[], Any]:
         from cycleprune import losses

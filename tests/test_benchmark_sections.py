@@ -249,6 +249,7 @@ def test_throughput_ratios_are_paired_per_round():
             "c": ([1.1, 9.0, 1.65, 1.32],),
             "a_jit": ([0.5 * v for v in a],),
             "a_spe1": ([1.05 * v for v in a],),
+            "b_nocb": ([1.08 * v for v in a],),
         }
     )
     assert result["ratios"]["a/b"] == pytest.approx(1.1)
@@ -256,6 +257,8 @@ def test_throughput_ratios_are_paired_per_round():
     assert result["paired"]["a/c"]["max"] == pytest.approx(4.5)
     assert result["ratios"]["a_jit/a"] == pytest.approx(2.0)
     assert result["ratios"]["a/a_spe1"] == pytest.approx(1.05)
+    assert result["ratios"]["b_nocb/b"] == pytest.approx(1.1 / 1.08)  # the callback's cost
+    assert result["ratios"]["a/b_nocb"] == pytest.approx(1.08)  # the rest of a/b
     assert result["paired"]["a_augment/a"] is None and result["ratios"]["a_augment/a"] is None
     sides = result["sides"]
     assert sides["a"]["images_per_s"] == pytest.approx(320 / 1.35)
@@ -266,21 +269,26 @@ def test_throughput_ratios_are_paired_per_round():
     assert result["article_callback"] is None  # no callback time given
 
 
-def test_throughput_callback_share_and_bound():
-    # (b) takes a median 1.5 s for 10 steps = 150 ms per step; its hook took 0.6 s over 40
-    # batches = 15 ms per step: 10% of the step, so without it (b) would be 1 / 0.9 x faster.
+def test_throughput_callback_hook_share_of_the_step():
+    # (b) takes a median 1.5 s for 10 steps = 150 ms per step; its hook's median call took
+    # 0.15 s = 15 ms per step: 10% of the step.
     result = _preset(
-        {"a": ([1.0, 1.0],), "b": ([1.5, 1.5],), "c": ([1.0, 1.0],)},
-        callback={"seconds": 0.6, "calls": 40},
+        {"a": ([1.0, 1.0, 1.0],), "b": ([1.5, 1.4, 1.6],), "c": ([1.0, 1.0, 1.0],)},
+        callback={"samples_s": [0.15, 0.1, 0.9]},
     )
     callback = result["article_callback"]
     assert callback["hook_ms_per_step"] == pytest.approx(15.0)
     assert callback["b_ms_per_step"] == pytest.approx(150.0)
     assert callback["share_of_b_step"] == pytest.approx(0.1)
-    assert callback["a_over_b_bound"] == pytest.approx(1 / 0.9)
-    assert callback["batches"] == 40
-    nothing = _preset({"a": ([1.0],), "b": ([1.5],)}, callback={"seconds": 0.0, "calls": 0})
+    assert callback["calls"] == 3
+    assert result["ratios"]["b_nocb/b"] is None  # no such side timed
+    nothing = _preset({"a": ([1.0],), "b": ([1.5],)}, callback={"samples_s": []})
     assert nothing["article_callback"] is None
+    # Only the timed rounds count: they are the last calls, after the untimed round.
+    setup = throughput.Setup.__new__(throughput.Setup)
+    assert setup.callback_time(2) is None  # (b) not built
+    setup.hook_samples = [9.0, 0.1, 0.2]
+    assert setup.callback_time(2) == {"samples_s": [0.1, 0.2]}
 
 
 def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
@@ -290,8 +298,10 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
         seen.append((preset, steps, extras))
         sides = {"a": ([1.0, 1.0],), "b": ([1.02, 1.06],), "c": ([0.98, 0.99],)}
         sides.update({name: ([1.5, 1.5],) for name in extras})
-        # The callback: 0.0208 s over 4 batches = 5.2 ms of (b)'s 1.04 s / steps.
-        callback = {"seconds": 0.0208, "calls": 4} if preset == "seed" else None
+        if preset == "seed":
+            sides["b_nocb"] = ([1.0, 1.0],)  # (b) without its callback: 1.02 and 1.06 faster
+        # The hook: 0.0104 s per call = 5.2 ms per step of (b)'s 1.04 s / 2 steps.
+        callback = {"samples_s": [0.0104, 0.0104]} if preset == "seed" else None
         return _preset(sides, steps=steps or 74, batch=64, callback=callback)
 
     monkeypatch.setattr(common, "prepared_dataset", lambda ctx: tmp_path)
@@ -309,12 +319,13 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     assert ab["measured"] == pytest.approx(1.04)  # median of 1.02 and 1.06
     assert ab["met"] is False and ab["goal"] == ">= 1.05"
     assert ab["note"].startswith("median of 2 per-round ratios, IQR 1.030-1.050, range 1.020-1.060")
-    assert "numpy arrays" in ab["note"] and "callback takes" not in ab["note"]
+    assert "numpy arrays" in ab["note"]
+    assert "without its callback" not in ab["note"] and "hook" not in ab["note"]  # small: none
     full_ab = targets["throughput a/b (full width)"]["note"]
-    # (b): 1.04 s / 2 steps = 520 ms per step, of which 5.2 ms (1%) in the callback.
+    # (b): 1.04 s / 2 steps = 520 ms per step, of which 5.2 ms (1%) in the callback's hook.
     assert full_ab.endswith(
-        "(b)'s callback takes 5.20 ms of its 520.0 ms step (1.00%): "
-        "without it, (b) would be at most 1.0101x faster"
+        "; without its callback (b) is 1.040x as fast (IQR 1.030-1.050), a/b_nocb 1.000"
+        "; the callback's hook takes 5.20 ms of (b)'s 520.0 ms step (1.00%)"
     )
     assert targets["throughput a/c (full width)"]["measured"] == pytest.approx(0.985)
     results = out["results"]
@@ -322,12 +333,15 @@ def test_throughput_section_record_from_fake_presets(tmp_path, monkeypatch):
     assert results["jit_over_a_small"] == pytest.approx(1 / 1.5)
     assert results["augment_over_a_small"] is None
     assert results["a_over_spe1_small"] == pytest.approx(1.5)  # (a) runs 1.0 s, a_spe1 1.5 s
-    assert len(results["table"]["rows"]) == 5 + 3  # small: a b c a_spe1 a_jit; full width: a b c
+    assert results["nocb_over_b_full_width"] == pytest.approx(1.04)
+    assert results["nocb_over_b_small"] is None
+    # small: a b c a_spe1 a_jit; full width: a b c b_nocb
+    assert len(results["table"]["rows"]) == 5 + 4
     ratio_table, callback_table = results["tables"].values()
     assert ["small", "a/b", 1.04, "1.0300 - 1.0500", "1.0200 - 1.0600", 2, 1.04] in ratio_table[
         "rows"
     ]
-    assert callback_table["rows"] == [["full_width", 5.2, 520.0, "1.00%", 1.0101, 4]]
+    assert callback_table["rows"] == [["full_width", 5.2, 520.0, "1.00%", 1.04, 1.0, 2]]
     json.dumps(out)  # JSON-serialisable as is
 
 
@@ -336,21 +350,20 @@ def test_throughput_sides_on_tiny_data(tiny_dataset, tmp_path):
     ctx = Context(quick=True, work_dir=tmp_path, repeats=2)
     result = throughput._compare(ctx, tiny_dataset, "small", steps=2, extras=())
 
-    assert result["rounds"] == 2 and result["order"] == ["b", "a", "c"]
+    assert result["rounds"] == 2 and result["order"] == ["b_nocb", "b", "a", "c"]
     assert result["images_per_call"] == 2 * 64
-    assert list(result["sides"]) == ["a", "b", "c"]
+    assert list(result["sides"]) == ["a", "b", "c", "b_nocb"]
     for stats in result["sides"].values():
         assert len(stats["samples_s"]) == 2
         for own, wall in zip(stats["samples_s"], stats["wall_samples_s"], strict=True):
             assert 0 < own <= wall
-    for pair in ("a/b", "a/c"):
+    for pair in ("a/b", "a/c", "b_nocb/b", "a/b_nocb"):
         assert result["paired"][pair]["n"] == 2
         assert result["ratios"][pair] > 0
-    # (b)'s callback hook ran once per timed step (2 rounds x 2 steps; the warm-up not counted).
+    # (b)'s callback hook time: one sample per timed call, none from the warm-up.
     callback = result["article_callback"]
-    assert callback["batches"] == 4
+    assert callback["calls"] == 2
     assert 0 < callback["hook_ms_per_step"] < callback["b_ms_per_step"]
-    assert callback["a_over_b_bound"] > 1
 
 
 def test_a_range_test_that_suggests_nothing_or_diverges_fails_the_accuracy_target():
