@@ -388,7 +388,7 @@ def test_submit_once_starts_one_run_per_name_however_often_it_is_retried(package
     assert "Run 'retrain-29381760' (r-1) already exists in experiment 'retrain'" in out
     lookups = [e for e in state["log"] if e["method"] == "GET" and e["path"] == f"{API}/runs"]
     assert [e["query"]["experiment_id"] for e in lookups] == [["e-1"]] * 3 + [["e-2"]]
-    # Several runs of one name (started before --once): the oldest is the one reported.
+    # Should one name have several runs (started without --once), the lookup asks for the oldest.
     assert {(e["query"]["sort_by"][0], e["query"]["page_size"][0]) for e in lookups} == {
         ("created_at asc", "1")
     }
