@@ -79,10 +79,10 @@ Method:
   core); they are process-wide, so every side shares them. ``benchmarks.run`` records the
   setting in the machine record.
 
-Durations (full mode, 2 cores, from the 2026-12-04 samples): a round takes ~18 s of wall time
-on ``small`` (5 sides, teardown waits included) and ~14 s on the full width (3 x 20 steps of
-~0.2 s, each call ending before the 5.1 s tick); with the untimed round and ~45 s of setup, the
-section takes about 5.5 minutes. ``FULL_WIDTH_STEPS`` is chosen so that a call ends well between
+Durations (full mode, 2 cores): with (b_nocb), a round has 7 sides on ``small`` and 4 on the
+full width (each full-width call 20 steps of ~0.23 s, ending before the 5.1 s tick); with the
+untimed round and the setup, the section took 522 s on 2026-12-05 (about 5.5 minutes before
+(b_nocb) was added). ``FULL_WIDTH_STEPS`` is chosen so that a call ends well between
 two ticks: 16 steps (~3.1 s) would wait for the 5.1 s tick about half the time, and over ~5 s
 the next tick is at 10.2 s.
 """
