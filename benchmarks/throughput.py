@@ -19,7 +19,9 @@ loss, metrics and training images) for the same number of steps per timed call:
 - **b_nocb, article without its callback**: (b) as it is, without ``CyclicLR`` (a constant
   LR): b_nocb/b is the whole per-batch cost of the article's callback (its hook, and what
   Keras does each batch for a callback that reads the logs), and a/b_nocb the rest of a/b
-  (the feed, and the 16-step loop that (b) cannot use).
+  (the feed, and the 16-step loop that (b) cannot use). The two sides train at different LRs,
+  so they compute on different numbers; the bench does not separate that from the callback.
+  On 2026-12-05, (b_nocb) was even a little slower than (b) at full width (b_nocb/b 0.977).
 - **c, plain**: ``model.fit`` with a constant LR (SGD + momentum, the same loss not wrapped,
   same metrics), fed by the same ``tf.data`` pipeline as (a): a/c is the cost of the library's
   training step (in-graph schedule, NaN check) over the cheapest Keras step.
