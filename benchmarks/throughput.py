@@ -346,7 +346,7 @@ def compare_timings(
     images: int,
     startup: dict[str, Any],
     info: dict[str, Any],
-    callback: dict[str, float] | None = None,
+    callback: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """One preset's result from :func:`benchmarks.common.paired_rounds`' timings of its sides.
 
