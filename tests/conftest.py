@@ -194,3 +194,50 @@ def recording_split_reads():
             yield splits
 
     return record
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline_run(gcs_emulator, tmp_path_factory):
+    """The ``smoke`` pipeline, run once under kfp.local on the bundled data (about a minute).
+
+    Shared by the end-to-end tests: ``test_local_run`` checks the run folder and reruns it from
+    the cache, ``test_registry_run`` pushes a worse model after it. The selected model is pushed
+    to a registry on the GCS emulator as ``pneumonia`` and promoted by a gate with no
+    thresholds (the first version; the smoke model is too short-trained for the default ones).
+
+    Returns a namespace: ``config``, ``summary`` (``run_local``'s), ``lines`` (its progress
+    lines), ``run_dir``, ``pipeline_root`` and ``registry`` (the registry's URI).
+    """
+    import dataclasses
+    import types
+
+    from cycleprune.config import preset
+    from cycleprune.registry import GateConfig
+    from pipelines import local as local_run
+
+    config = preset("smoke")
+    config = config.replace(
+        data=dataclasses.replace(config.data, class_names=("normal", "pneumonia"))
+    )
+    base = tmp_path_factory.mktemp("smoke-run")
+    registry = gcs_emulator.create_bucket(f"smoke-run-{base.name.lower()}") + "/registry"
+    lines: list[str] = []
+    run_dir = base / "runs" / "smoke"
+    summary = local_run.run_local(
+        config,
+        source=str(BUNDLED_NPZ),
+        out_dir=run_dir,
+        pipeline_root=base / "kfp-root",
+        progress=lines.append,
+        registry=registry,
+        model_name="pneumonia",
+        gate=GateConfig(min_auc=0.0, min_sensitivity=0.0, min_specificity=0.0),
+    )
+    return types.SimpleNamespace(
+        config=config,
+        summary=summary,
+        lines=tuple(lines),
+        run_dir=run_dir,
+        pipeline_root=base / "kfp-root",
+        registry=registry,
+    )
