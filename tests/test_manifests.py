@@ -419,9 +419,11 @@ def test_cronjob_submits_the_applied_pipeline_version(overlay):
     for source in container.get("envFrom", []):
         env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
-    # The Job controller labels each pod with its Job's name, one per scheduled time.
+    # The Job controller labels each pod with its Job's name, one per scheduled time (the
+    # batch.kubernetes.io/ label, GA in Kubernetes 1.27; the bare `job-name` is its legacy twin).
     (job_name,) = [e for e in container["env"] if "valueFrom" in e]
-    assert job_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}
+    label = "metadata.labels['batch.kubernetes.io/job-name']"
+    assert job_name["valueFrom"] == {"fieldRef": {"fieldPath": label}}
     env[job_name["name"]] = "cycleprune-retrain-29381760"
     assert container["command"] == ["python", "-m", "cycleprune", "submit"]
     args = _submit_parser().parse_args(["submit"] + [_expand(a, env) for a in container["args"]])
