@@ -12,9 +12,11 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-# A venv whose pip does not run (e.g. Debian without python3-venv stopped half-way) is made anew.
+# A venv whose pip does not run (e.g. Debian without python3-venv stopped half-way), or one made
+# by a Python older than 3.11, is made anew.
 $(STAMP): requirements.txt pyproject.toml
-	@$(PY) -m pip --version >/dev/null 2>&1 || { \
+	@{ $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' && \
+	  $(PY) -m pip --version; } >/dev/null 2>&1 || { \
 	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	    echo "error: cycleprune needs Python >= 3.11; '$(PYTHON)' is missing or older (set PYTHON=python3.11)" >&2; \
 	    exit 1; }; \
