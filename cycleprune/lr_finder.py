@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cycleprune.compat import keras, tf
+from cycleprune.config import OPTIMIZERS as SWEEP_OPTIMIZERS
 from cycleprune.config import Config, LRFinderConfig
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class LRFinderResult:
             then kept in ``suggested_min_lr``/``suggested_max_lr`` (``None`` if the curve had
             no usable descent, with the reason in ``note``).
         precision: ``float32`` or ``mixed_float16``: what the sweep computed in.
+        optimizer: ``sgd`` or ``adam``: the optimizer the sweep trained with (the training's:
+            the two want learning rates orders of magnitude apart).
     """
 
     lrs: np.ndarray
@@ -91,6 +94,7 @@ class LRFinderResult:
     suggested_max_lr: float | None = None
     note: str = ""
     precision: str = "float32"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.bounds_from == "lr_finder" and self.suggested_min_lr is None:
@@ -112,6 +116,7 @@ class LRFinderResult:
             "suggested_max_lr": _float_or_none(self.suggested_max_lr),
             "note": self.note,
             "precision": self.precision,
+            "optimizer": self.optimizer,
         }
 
     @classmethod
@@ -130,6 +135,7 @@ class LRFinderResult:
             suggested_max_lr=_float_or_none(data.get("suggested_max_lr")),
             note=str(data.get("note", "")),
             precision=str(data.get("precision", "float32")),
+            optimizer=str(data.get("optimizer", "sgd")),  # records before it was kept: SGD
         )
 
 
@@ -340,6 +346,7 @@ def find_lr(
     config: LRFinderConfig,
     *,
     loss: keras.losses.Loss,
+    optimizer: str = "sgd",
     momentum: float = 0.9,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -348,7 +355,8 @@ def find_lr(
 ) -> LRFinderResult:
     """Run the LR range test on ``model`` and suggest CLR bounds.
 
-    A fresh ``SGD(momentum)`` optimizer follows an :class:`ExponentialSweep` from
+    A fresh optimizer of the kind the training will use (``SGD(momentum)`` or ``Adam``, Keras'
+    defaults otherwise) follows an :class:`ExponentialSweep` from
     ``config.start_lr`` to ``config.end_lr`` over exactly ``config.num_steps`` steps of the
     repeated ``dataset`` (so the cost does not depend on the dataset size or on epochs). The loss
     of every step is recorded and smoothed (:func:`smooth_losses` with ``config.beta``); the sweep
@@ -376,7 +384,9 @@ def find_lr(
         dataset: ``tf.data`` batches of ``(x, y)`` or ``(x, y, sample_weight)``.
         config: Sweep endpoints, steps, smoothing, stop factor.
         loss: The training loss (its per-example values are averaged over each global batch).
-        momentum: SGD momentum during the sweep.
+        optimizer: ``sgd`` or ``adam``, as ``train.optimizer``: Adam's useful learning rates lie
+            orders of magnitude below SGD's, so bounds found with one do not suit the other.
+        momentum: SGD momentum during the sweep (unused with Adam).
         checkpoint_dir: Folder for the sweep's checkpoints, or ``None`` for none.
         checkpoint_every: Steps between checkpoints (>= 1).
         on_checkpoint: Called with no arguments after every write to ``checkpoint_dir`` (e.g.
@@ -389,11 +399,16 @@ def find_lr(
     Raises:
         LRFinderError: the dataset is empty, or the curve has no usable descent
             (see :func:`suggest_bounds`).
-        ValueError: an invalid ``momentum`` or ``checkpoint_every``.
+        ValueError: an unknown ``optimizer``, an invalid ``momentum`` or ``checkpoint_every``.
         cycleprune.preemption.PreemptedError: SIGTERM; a checkpoint was written.
     """
     from cycleprune import preemption
 
+    if optimizer not in SWEEP_OPTIMIZERS:
+        raise ValueError(
+            f"Argument `optimizer` must be one of {', '.join(SWEEP_OPTIMIZERS)}. "
+            f"Received: optimizer={optimizer!r}"
+        )
     if not 0 <= momentum < 1:
         raise ValueError(f"Argument `momentum` must be in [0, 1). Received: momentum={momentum}")
     if checkpoint_every is None:
@@ -408,11 +423,13 @@ def find_lr(
     num_steps = config.num_steps
     lr_values = sweep_lrs(config.start_lr, config.end_lr, num_steps)
     strategy = model.distribute_strategy
+    kind = optimizer
     with strategy.scope():
-        optimizer = keras.optimizers.SGD(
-            learning_rate=ExponentialSweep(config.start_lr, config.end_lr, num_steps),
-            momentum=momentum,
-        )
+        sweep_lr = ExponentialSweep(config.start_lr, config.end_lr, num_steps)
+        if kind == "adam":
+            optimizer = keras.optimizers.Adam(learning_rate=sweep_lr)
+        else:
+            optimizer = keras.optimizers.SGD(learning_rate=sweep_lr, momentum=momentum)
         mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
         if mixed:
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
@@ -458,6 +475,7 @@ def find_lr(
             on_checkpoint,
             initial_weights=saved,
             also={
+                "optimizer": kind,
                 "momentum": momentum,
                 "loss": _loss_key(loss),
                 "model": [[w.name, list(w.shape)] for w in model.weights],
@@ -521,6 +539,7 @@ def find_lr(
         stopped_early=stopped,
         steps=int(losses.size),
         rule=config.rule,
+        optimizer=kind,
     )
 
 
@@ -736,6 +755,7 @@ def run_lr_finder(
                 dataset,
                 config.lr_finder,
                 loss=losses.make_loss(config.train),
+                optimizer=config.train.optimizer,
                 momentum=config.train.momentum,
                 checkpoint_dir=checkpoint_dir,
                 on_checkpoint=on_checkpoint,
@@ -755,6 +775,7 @@ def run_lr_finder(
             rule=config.lr_finder.rule,
             bounds_from="config",
             note=f"suggestion unavailable: {err}",
+            optimizer=config.train.optimizer,
         )
     result = dataclasses.replace(result, precision=used)
     if fixed and result.bounds_from != "config":
