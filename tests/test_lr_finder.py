@@ -287,9 +287,9 @@ def test_run_lr_finder_sweeps_the_configured_training_optimizer(tiny_dataset, tm
     adam = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "adam", adam_config)
     saved = json.loads((tmp_path / "adam" / "lr_finder.json").read_text())
     assert saved["optimizer"] == "adam" and sgd.optimizer == "sgd"
-    # Adam's useful rates lie far below SGD's: its bounds do too (on the full `small` data,
-    # max_lr 0.027 against 0.155).
-    assert adam.max_lr < sgd.max_lr / 2, (adam.max_lr, sgd.max_lr)
+    # Adam's sweep descends at far smaller rates than SGD's: its min_lr is 18x lower here, and
+    # 4-12x lower on the full `small` data in each of 3 seeds (its max_lr there varies more).
+    assert adam.min_lr < sgd.min_lr / 4, (adam.min_lr, sgd.min_lr)
 
 
 def test_run_lr_finder_writes_nothing_when_it_fails(tiny_dataset, tmp_path, monkeypatch):
