@@ -195,14 +195,16 @@ def test_run_local_refuses_a_non_empty_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end(smoke_pipeline_run, tmp_path):
+def test_smoke_pipeline_end_to_end(tmp_path):
     from cycleprune import evaluation, models
 
-    # The run (conftest) also pushed its model to a registry: test_registry_run checks that.
-    config, summary = smoke_pipeline_run.config, smoke_pipeline_run.summary
-    assert config == smoke_config()
-    lines = list(smoke_pipeline_run.lines)
-    run_dir, root = smoke_pipeline_run.run_dir, smoke_pipeline_run.pipeline_root
+    config = smoke_config()
+    lines = []
+    run_dir = tmp_path / "runs" / "smoke"
+    root = tmp_path / "kfp-root"
+    summary = local_run.run_local(
+        config, source=str(BUNDLED), out_dir=run_dir, pipeline_root=root, progress=lines.append
+    )
 
     # Every task ran and succeeded (kfp.local raises otherwise); nothing was cached yet.
     pipeline = summary["pipeline"]
@@ -287,14 +289,11 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline_run, tmp_path):
 
     # The same run again: every cached stage comes from the cache (the first run's pruned
     # outputs suffice), only push and report run, and the run folder is whole.
-    # Without a registry this time: push is not a cached stage, and its inputs do not reach
-    # the cached ones.
     lines.clear()
     again_dir = tmp_path / "runs" / "again"
     again = local_run.run_local(
         config, source=str(BUNDLED), out_dir=again_dir, pipeline_root=root, progress=lines.append
     )
-    assert again["registry"] is None
     assert again["pipeline"]["cached"] == sorted(CACHED_STAGES)
     assert sorted(again["pipeline"]["task_seconds"]) == sorted(UNCACHED_STAGES)
     assert sum("cached, reusing" in line for line in lines) == 13  # every cached task, loop too
