@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from cycleprune.compat import keras, tf
-from cycleprune.config import OPTIMIZERS as SWEEP_OPTIMIZERS
 from cycleprune.config import Config, LRFinderConfig
 
 logger = logging.getLogger(__name__)
@@ -46,6 +45,8 @@ MIN_RANGE_RATIO = 4.0
 SWEEP_NAME = "sweep"
 SWEEP_STATE = "sweep.json"
 DEFAULT_CHECKPOINT_EVERY = 10
+# The optimizers the sweep can train with (every `train.optimizer`; a test keeps them in step).
+SWEEP_OPTIMIZERS = ("sgd", "adam")
 
 _RESULT_FILE = "lr_finder.json"
 
@@ -78,7 +79,7 @@ class LRFinderResult:
             no usable descent, with the reason in ``note``).
         precision: ``float32`` or ``mixed_float16``: what the sweep computed in.
         optimizer: ``sgd`` or ``adam``: the optimizer the sweep trained with (the training's:
-            the two want learning rates orders of magnitude apart).
+            on ``small``, Adam's suggested ``min_lr`` lies 4-12x below SGD's).
     """
 
     lrs: np.ndarray
@@ -384,8 +385,8 @@ def find_lr(
         dataset: ``tf.data`` batches of ``(x, y)`` or ``(x, y, sample_weight)``.
         config: Sweep endpoints, steps, smoothing, stop factor.
         loss: The training loss (its per-example values are averaged over each global batch).
-        optimizer: ``sgd`` or ``adam``, as ``train.optimizer``: Adam's useful learning rates lie
-            orders of magnitude below SGD's, so bounds found with one do not suit the other.
+        optimizer: ``sgd`` or ``adam``, as ``train.optimizer``: the two descend at different
+            learning rates, so bounds found with one do not suit the other.
         momentum: SGD momentum during the sweep (unused with Adam).
         checkpoint_dir: Folder for the sweep's checkpoints, or ``None`` for none.
         checkpoint_every: Steps between checkpoints (>= 1).
@@ -426,10 +427,10 @@ def find_lr(
     kind = optimizer
     with strategy.scope():
         sweep_lr = ExponentialSweep(config.start_lr, config.end_lr, num_steps)
-        if kind == "adam":
-            optimizer = keras.optimizers.Adam(learning_rate=sweep_lr)
-        else:
+        if kind == "sgd":
             optimizer = keras.optimizers.SGD(learning_rate=sweep_lr, momentum=momentum)
+        else:
+            optimizer = keras.optimizers.Adam(learning_rate=sweep_lr)
         mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
         if mixed:
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
@@ -688,7 +689,8 @@ def run_lr_finder(
     image shape and classes, the loss (``config.train``) and the class weights
     (``config.data.class_weight``), runs :func:`find_lr` on the shuffled, augmented training
     split in global batches of ``config.data.batch_size * replicas`` (the batch training will
-    use, so the suggested bounds suit it) with ``config.train.momentum``, and writes,
+    use, so the suggested bounds suit it) with the training's optimizer (``config.train.optimizer``
+    and ``momentum``), and writes,
     atomically, ``out_dir/lr_finder.json`` (:meth:`LRFinderResult.to_dict`) and
     ``out_dir/lr_finder.png``.
 

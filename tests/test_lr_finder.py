@@ -454,11 +454,20 @@ def test_a_sweep_record_of_another_model_momentum_or_optimizer_is_not_reused(tmp
     find_lr(wider, dataset, config, loss=loss, momentum=0.0, checkpoint_dir=tmp_path)
     shapes = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())["settings"]["model"]
     assert [s for _, s in shapes] == [[4, 2], [2]]  # swept again, not read back
-    adam = find_lr(wider, dataset, config, loss=loss, optimizer="adam")  # no record: the truth
-    resumed = find_lr(wider, dataset, config, loss=loss, optimizer="adam", checkpoint_dir=tmp_path)
+    # The record is the same model's at the same momentum: only the optimizer differs.
+    adam = find_lr(wider, dataset, config, loss=loss, momentum=0.0, optimizer="adam")
+    resumed = find_lr(
+        wider, dataset, config, loss=loss, momentum=0.0, optimizer="adam", checkpoint_dir=tmp_path
+    )
     np.testing.assert_array_equal(resumed.losses, adam.losses)
     settings = json.loads((tmp_path / lr_finder.SWEEP_STATE).read_text())["settings"]
     assert settings["optimizer"] == "adam"
+
+
+def test_the_sweep_covers_every_configurable_optimizer():
+    from cycleprune import config
+
+    assert set(config.OPTIMIZERS) == set(lr_finder.SWEEP_OPTIMIZERS)
 
 
 def test_a_broken_sweep_record_or_checkpoint_means_sweeping_again(tmp_path):

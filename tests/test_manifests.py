@@ -420,7 +420,8 @@ def test_cronjob_submits_the_applied_pipeline_version(overlay):
         env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
     # The Job controller labels each pod with its Job's name, one per scheduled time (the
-    # batch.kubernetes.io/ label, GA in Kubernetes 1.27; the bare `job-name` is its legacy twin).
+    # batch.kubernetes.io/ label, set since Kubernetes 1.27; the bare `job-name` is its legacy
+    # twin).
     (job_name,) = [e for e in container["env"] if "valueFrom" in e]
     label = "metadata.labels['batch.kubernetes.io/job-name']"
     assert job_name["valueFrom"] == {"fieldRef": {"fieldPath": label}}

@@ -41,6 +41,10 @@ def test_second_worse_run_is_rejected_by_the_gate(gcs_bucket, tmp_path, capsys, 
     second = json.loads((tmp_path / "worse" / "summary.json").read_text())["registry"]
     assert not second["promoted"]
     assert "gate: rejected: " in out and second["reasons"][0] in out
+    # Rejected on the comparison with production too, not only on the thresholds: the first
+    # model ranks better on this run's test split.
+    assert second["champion"]["auc"] > second["candidate"]["auc"] + 0.01
+    assert any(f"is worse than production {first['version']}'s" in r for r in second["reasons"])
     assert f"production {first['version']} on this run's test split" in out
     assert second["champion_version"] == first["version"] == second["production"]
     assert registry.production_version(reg, "pneumonia") == first["version"]
