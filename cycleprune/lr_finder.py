@@ -429,8 +429,10 @@ def find_lr(
         sweep_lr = ExponentialSweep(config.start_lr, config.end_lr, num_steps)
         if kind == "sgd":
             optimizer = keras.optimizers.SGD(learning_rate=sweep_lr, momentum=momentum)
-        else:
+        elif kind == "adam":
             optimizer = keras.optimizers.Adam(learning_rate=sweep_lr)
+        else:  # in SWEEP_OPTIMIZERS but not built here
+            raise NotImplementedError(f"The LR range test cannot sweep with {kind!r} yet.")
         mixed = keras.mixed_precision.global_policy().compute_dtype == "float16"
         if mixed:
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
