@@ -11,7 +11,7 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
   (``{split: {class: n}}``) and ``examples`` (``{split: n}``);
 - ``lr_finder``: the CLR bounds used (``min_lr``, ``max_lr``), the range test's suggestion
   (``suggested_min_lr``, ``suggested_max_lr``), ``bounds_from`` (``lr_finder`` or ``config``),
-  ``steps``, ``stopped_early``;
+  ``steps``, ``stopped_early``, ``optimizer`` (what the range test swept with: the training's);
 - ``training``: ``epochs``, ``global_step``, ``steps_per_epoch``, ``policy``, ``step_size``,
   ``min_lr``, ``max_lr``, ``precision`` (``float32`` or ``mixed_float16``; ``None`` for a run
   from before the field), ``val`` (last epoch's validation metrics);
@@ -76,8 +76,9 @@ def lr_finder_figures(record: Mapping[str, Any], out_dir: str | os.PathLike) -> 
         Path(out_dir) / "lr_finder.png",
     )
     caption = (
-        f"LR range test: {record['steps']} steps; CLR bounds {record['min_lr']:.3g} .. "
-        f"{record['max_lr']:.3g} (from {record.get('bounds_from', 'lr_finder')})"
+        f"LR range test: {record['steps']} steps with {record.get('optimizer', 'sgd')}; CLR bounds "
+        f"{record['min_lr']:.3g} .. {record['max_lr']:.3g} "
+        f"(from {record.get('bounds_from', 'lr_finder')})"
     )
     return [(caption, path)]
 
@@ -491,6 +492,7 @@ def summarize(
                 "bounds_from",
                 "steps",
                 "stopped_early",
+                "optimizer",
             )
         },
         "training": {

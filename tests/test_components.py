@@ -227,7 +227,7 @@ def bounds(root, prepared, config_artifact):
 def test_find_lr(bounds):
     record = storage.read_json(bounds["lr_finder"].path)
     assert 0 < record["min_lr"] < record["max_lr"]
-    assert record["bounds_from"] == "lr_finder"
+    assert record["bounds_from"] == "lr_finder" and record["optimizer"] == "sgd"
     suggested = (record["suggested_min_lr"], record["suggested_max_lr"])
     assert (record["min_lr"], record["max_lr"]) == suggested
     assert len(record["lrs"]) == record["steps"] == len(record["smoothed"])

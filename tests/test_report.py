@@ -18,7 +18,7 @@ def lr_record() -> dict:
     return {
         "lrs": lrs, "losses": losses, "smoothed": losses, "steps": 20, "stopped_early": False,
         "min_lr": 1e-3, "max_lr": 1e-2, "suggested_min_lr": 1e-3, "suggested_max_lr": 1e-2,
-        "bounds_from": "lr_finder", "seconds": 4.0,
+        "bounds_from": "lr_finder", "seconds": 4.0, "optimizer": "adam",
     }  # fmt: skip
 
 
@@ -109,6 +109,7 @@ def test_summary_fields(summary):
     assert summary["schema"] == 1
     assert summary["dataset"]["examples"] == {"train": 180, "val": 20, "test": 20}
     assert summary["lr_finder"]["min_lr"] == 1e-3 and summary["lr_finder"]["bounds_from"]
+    assert summary["lr_finder"]["optimizer"] == "adam"
     assert summary["training"]["global_step"] == 8
     assert [p["variant"] for p in summary["pruning"]] == ["prune_50"]
     names = [m["name"] for m in summary["models"]]
