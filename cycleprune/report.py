@@ -11,7 +11,8 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
   (``{split: {class: n}}``) and ``examples`` (``{split: n}``);
 - ``lr_finder``: the CLR bounds used (``min_lr``, ``max_lr``), the range test's suggestion
   (``suggested_min_lr``, ``suggested_max_lr``), ``bounds_from`` (``lr_finder`` or ``config``),
-  ``steps``, ``stopped_early``, ``optimizer`` (what the range test swept with: the training's);
+  ``steps``, ``stopped_early``, ``optimizer`` (what the range test swept with: the training's;
+  ``None`` for a run from before the field);
 - ``training``: ``epochs``, ``global_step``, ``steps_per_epoch``, ``policy``, ``step_size``,
   ``min_lr``, ``max_lr``, ``precision`` (``float32`` or ``mixed_float16``; ``None`` for a run
   from before the field), ``val`` (last epoch's validation metrics);
