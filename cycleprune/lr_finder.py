@@ -424,7 +424,7 @@ def find_lr(
     num_steps = config.num_steps
     lr_values = sweep_lrs(config.start_lr, config.end_lr, num_steps)
     strategy = model.distribute_strategy
-    kind = optimizer
+    kind = optimizer  # the name: `optimizer` is the Keras optimizer from here on
     with strategy.scope():
         sweep_lr = ExponentialSweep(config.start_lr, config.end_lr, num_steps)
         if kind == "sgd":

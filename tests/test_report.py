@@ -152,6 +152,8 @@ def test_table_does_not_repeat_a_selected_keras_model(summary):
 
 def test_figures_html_embeds_pngs(tmp_path):
     figures = report.lr_finder_figures(lr_record(), tmp_path)
+    caption = "LR range test: 20 steps with adam; CLR bounds 0.001 .. 0.01 (from lr_finder)"
+    assert [c for c, _ in figures] == [caption]
     page = report.figures_html("LR <test>", figures, notes=["logs at s3://b/x"])
     assert page.count('src="data:image/png;base64,') == 1
     assert "LR &lt;test&gt;" in page and "s3://b/x" in page
