@@ -591,13 +591,16 @@ def _plan(
     for split, part in splits.items():
         if len(part.labels) == 0:
             raise DataError(f"Split {split!r} is empty ({part.where})")
+    # Every class in every split: training needs each class, the threshold and selection need
+    # both sides in validation, and test metrics (sensitivity, AUC) are undefined without them.
+    for split, part in splits.items():
+        present = np.bincount(part.labels, minlength=len(class_names))
+        for i, name in enumerate(class_names):
+            if present[i] == 0:
+                raise DataError(
+                    f"Class {name!r} (label {i}) has no images in split {split!r} ({part.where})"
+                )
     train = splits["train"]
-    present = np.bincount(train.labels, minlength=len(class_names))
-    for i, name in enumerate(class_names):
-        if present[i] == 0:
-            raise DataError(
-                f"Class {name!r} (label {i}) has no images in split 'train' ({train.where})"
-            )
     selected = {split: np.arange(len(part.labels)) for split, part in splits.items()}
     if "val" not in splits:
         keep, val = _carve(train.labels, config.val_fraction, config.seed, class_names, train.where)
@@ -609,6 +612,12 @@ def _plan(
         if config.limit and len(idx) > config.limit:
             rng = _rng(config.seed, 2, index)
             idx = idx[_stratified(part.labels[idx], config.limit, rng)]
+            if len(np.unique(part.labels[idx])) < len(class_names):
+                raise DataError(
+                    f"data.limit={config.limit} keeps fewer than one image of each of the "
+                    f"{len(class_names)} classes in split {split!r} ({part.where}): set "
+                    f"data.limit >= {len(class_names)} or 0 (all)"
+                )
         plan[split] = (part, idx, part.labels[idx])
     return plan
 

@@ -195,6 +195,10 @@ def test_limit_keeps_class_shares_and_is_seeded(npz_path, tmp_path):
     assert again.content_hash == info.content_hash
     tiny = data.prepare_dataset(npz_path, tmp_path / "c", DataConfig(limit=2))
     assert all(c == {"class_0": 1, "class_1": 1} for c in tiny.counts.values())
+    out = tmp_path / "d"
+    with pytest.raises(DataError, match=r"data\.limit=1 keeps fewer .* split 'train' .*limit >= 2"):
+        data.prepare_dataset(npz_path, out, DataConfig(limit=1))
+    _assert_no_output(out)
 
 
 def test_resize_and_channels(npz_path, tmp_path):
@@ -361,6 +365,9 @@ BAD_NPZ = {
     "ragged images": (_ragged, "'val_images' cannot be loaded without pickle"),
     "single class": (_one_class, "at least 2 classes"),
     "class gap": (_set("train_labels", _labels(20, 0, 40)), "'class_1' .* no images in split"),
+    # Validation fixes the threshold and test computes sensitivity and AUC: both need each class.
+    "val class gap": (_set("val_labels", _labels(9)), "'class_1' .* no images in split 'val'"),
+    "test class gap": (_set("test_labels", _labels(0, 12)), "'class_0' .* no images in split 'test'"),
     "empty split": (
         lambda a: a.update(val_images=np.zeros((0, 6, 6), np.uint8), val_labels=np.zeros(0, int)),
         "'val' is empty",
