@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -394,6 +395,44 @@ def test_submit_once_starts_one_run_per_name_however_often_it_is_retried(package
     }
     with pytest.raises(ValueError, match=r"--once\) needs `run_name` \(--run-name\)"):
         cluster.submit_run("http://127.0.0.1:1", pipeline_name="tiny", once=True)
+
+
+def _kfp_permission(method: str, path: str) -> tuple[str, str] | None:
+    """The (resource, verb) multi-user KFP authorizes a v2beta1 request with (None: no check)."""
+    parts = path.removeprefix(API + "/").split("/")
+    if parts == ["healthz"]:
+        return None
+    verbs = {("GET", False): "list", ("GET", True): "get", ("POST", False): "create"}
+    if parts[0] == "pipelines" and len(parts) >= 3 and parts[2] == "versions":
+        return "pipelines/versions", verbs[(method, len(parts) == 4)]
+    if parts[0] in ("pipelines", "experiments", "runs") and len(parts) <= 2:
+        return parts[0], verbs[(method, len(parts) == 2)]
+    raise AssertionError(f"no known KFP permission for {method} {path}: add it and to rbac.yaml")
+
+
+def test_the_retrain_role_grants_every_call_the_cronjob_makes(package):
+    # The CronJob runs `submit --pipeline P --version V --namespace N --no-cache --once` under
+    # the cycleprune-retrain Role; multi-user KFP refuses (403) any call the Role does not grant.
+    import yaml
+
+    rbac = (Path(__file__).parents[1] / "manifests" / "base" / "rbac.yaml").read_text()
+    (role,) = [
+        doc
+        for doc in yaml.safe_load_all(rbac)
+        if doc["kind"] == "Role" and doc["metadata"]["name"] == "cycleprune-retrain"
+    ]
+    granted = {
+        (res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]
+    }
+    with serve(multi_user=True, **_stored(package)) as (host, state):
+        kwargs = {"pipeline_name": "tiny", "version": "v2", "experiment": "retrain", "once": True}
+        for _ in range(2):  # the first attempt creates the experiment and run; a retry finds them
+            cluster.submit_run(
+                host, namespace="team", enable_caching=False, run_name="retrain-1", **kwargs
+            )
+    needed = {_kfp_permission(e["method"], e["path"]) for e in state["log"]} - {None}
+    assert ("runs", "list") in needed and ("runs", "create") in needed
+    assert needed <= granted, f"missing in rbac.yaml: {sorted(needed - granted)}"
 
 
 def test_cli_submit_once_waits_for_the_existing_run(package, capsys):

@@ -500,6 +500,8 @@ def test_rbac_grants_only_what_submitting_and_running_need(overlay):
         (KFP_GROUP, "experiments", "get"),
         (KFP_GROUP, "experiments", "list"),
         (KFP_GROUP, "experiments", "create"),
+        # `submit --once` (the CronJob) lists the experiment's runs before it creates one.
+        (KFP_GROUP, "runs", "list"),
         (KFP_GROUP, "runs", "create"),
     }
     assert grants["cycleprune-pipeline-runner"] == {
