@@ -411,7 +411,20 @@ class PruneConfig:
         object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
         _check(len(self.sparsities) > 0, s, "sparsities", self.sparsities, "must not be empty")
         for value in self.sparsities:
-            _check(0 <= value < 1, s, "sparsities", self.sparsities, "must all be in [0, 1)")
+            _check(0 < value < 1, s, "sparsities", self.sparsities, "must all be in (0, 1)")
+        # Each sparsity's models, checkpoints and report rows are named after it (prune_50); two
+        # that share a name would collide, only found at model selection after all the pruning.
+        from cycleprune.selection import variant_name
+
+        names = [variant_name(v) for v in self.sparsities]
+        twins = sorted({n for n in names if names.count(n) > 1})
+        _check(
+            not twins,
+            s,
+            "sparsities",
+            self.sparsities,
+            f"must each name different models; repeated: {twins}",
+        )
         _check(
             0 <= self.final_sparsity < 1,
             s,

@@ -84,7 +84,14 @@ def test_config_file_merges_over_preset(tmp_path):
             r"prune\.final_sparsity .*Received: prune\.final_sparsity=1",
         ),
         (["prune.begin_epoch=4", "prune.end_epoch=4"], r"prune\.end_epoch must be > begin_epoch"),
-        (["prune.sparsities=[0.5, 1.5]"], r"prune\.sparsities must all be in \[0, 1\)"),
+        (["prune.sparsities=[0.5, 1.5]"], r"prune\.sparsities must all be in \(0, 1\)"),
+        # 0 would be a second `dense` model; equal names would share checkpoints and rows.
+        (["prune.sparsities=[0.0, 0.5]"], r"prune\.sparsities must all be in \(0, 1\)"),
+        (
+            ["prune.sparsities=[0.5, 0.5]"],
+            r"prune\.sparsities must each name different models; repeated: \['prune_50'\]",
+        ),
+        (["prune.sparsities=[0.9, 0.90000001]"], r"repeated: \['prune_90'\]"),
         (["train.epochs=0"], r"train\.epochs must be > 0\. Received: train\.epochs=0"),
         (["train.epochs=abc"], r"train\.epochs must be an integer\. Received: train\.epochs='abc'"),
         (["train.loss=mse"], r"train\.loss must be one of focal, crossentropy"),

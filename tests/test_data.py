@@ -367,7 +367,7 @@ BAD_NPZ = {
     "class gap": (_set("train_labels", _labels(20, 0, 40)), "'class_1' .* no images in split"),
     # Validation fixes the threshold and test computes sensitivity and AUC: both need each class.
     "val class gap": (_set("val_labels", _labels(9)), "'class_1' .* no images in split 'val'"),
-    "test class gap": (_set("test_labels", _labels(0, 12)), "'class_0' .* no images in split 'test'"),
+    "test class gap": (_set("test_labels", _labels(0, 12)), "'class_0' .* in split 'test'"),
     "empty split": (
         lambda a: a.update(val_images=np.zeros((0, 6, 6), np.uint8), val_labels=np.zeros(0, int)),
         "'val' is empty",
