@@ -518,9 +518,13 @@ def _run_pruning(
         # per-batch hook), so the sparsity schedule is per step however many run per call.
         steps_per_execution=config.train.steps_per_execution,
         # The sparsity schedule lives in the wrappers, not the optimizer: a resume must share it
-        # (more fine-tuning epochs may be added, as in training).
+        # (more fine-tuning epochs may be added, as in training). So must the model being pruned
+        # (its checkpoints would replace another model's weights) and the input's settings
+        # (augmentation, class weights), as in training.
         resume_key={
+            "model_sha256": _file_sha256(model_path),
             "dataset": info.version,
+            "data": dataclasses.asdict(config.data),
             "final_sparsity": target,
             "prune": {
                 k: v
@@ -603,6 +607,16 @@ def _run_pruning(
         best_checkpoint=best,
         warnings=problems,
     )
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _schedule_problems(config: PruneConfig, steps_per_epoch: int, target: float) -> list[str]:

@@ -464,10 +464,11 @@ def fit(
             pruning wrappers count their step in the graph).
         resume_key: More JSON-able settings that a resumed run must share with the run that
             wrote the checkpoints (e.g. the dataset's version, the pruning target), beside
-            ``steps_per_epoch`` and the optimizer's configuration (its LR schedule included),
-            which are always compared. They are kept in ``checkpoint_dir/run.json``; resuming
-            under different ones is refused, naming the setting, rather than continuing (or
-            reporting) a schedule that the restored steps never followed.
+            ``steps_per_epoch``, the optimizer's configuration (its LR schedule included) and
+            the loss's (``get_config()``), which are always compared. They are kept in
+            ``checkpoint_dir/run.json``; resuming under different ones is refused, naming the
+            setting, rather than continuing (or reporting) a schedule that the restored steps
+            never followed.
 
     Returns:
         A :class:`FitResult`.
@@ -544,7 +545,7 @@ def fit(
     latest = _restore_latest(checkpoint, manager)
     initial_epoch = int(epoch_var.numpy()) if latest else 0
     state = partial.read(initial_epoch, steps_per_epoch)
-    key = _run_key(optimizer, steps_per_epoch, resume_key)
+    key = _run_key(optimizer, loss, steps_per_epoch, resume_key)
     _check_run_key(checkpoint_dir, key, resuming=bool(latest) or state is not None)
     offset, carried = 0, None
     if state is not None:
@@ -664,14 +665,28 @@ def fit(
 
 
 def _run_key(
-    optimizer: keras.optimizers.Optimizer, steps_per_epoch: int, extra: dict[str, Any] | None
+    optimizer: keras.optimizers.Optimizer,
+    loss: Any,
+    steps_per_epoch: int,
+    extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The settings a resume must share (see ``fit``'s ``resume_key``), as plain JSON values."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
     config = dict(inner.get_config())
     for name in ("name", "jit_compile"):  # jit_compile follows the device (GPU or not)
         config.pop(name, None)
-    key = {"steps_per_epoch": steps_per_epoch, "optimizer": config, **(extra or {})}
+    # The loss (focal or cross-entropy, gamma, alpha, label smoothing) shapes every step too.
+    loss_config = (
+        {"class": type(loss).__name__, **loss.get_config()}
+        if isinstance(loss, keras.losses.Loss)
+        else {"name": str(loss)}
+    )
+    key = {
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer": config,
+        "loss": loss_config,
+        **(extra or {}),
+    }
     return storage.to_json_value(key)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -276,6 +277,21 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
     assert again.history["epochs"] == history["epochs"]
     assert again.best_checkpoint == result.best_checkpoint
     assert again.sparsity == result.sparsity
+    # Another model into the same folder: its checkpoints would replace the new model's weights
+    # (and, the run being finished, the old pruned model would come back as the new one's).
+    other = tmp_path / "other.keras"
+    training.save_model(_model(seed=7), other)
+    with pytest.raises(ValueError, match=r"checkpoints of a run with model_sha256="):
+        pruning.run_pruning(other, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+    # Settings that shape every step but live in no checkpoint: the loss, the input's.
+    for message, overrides in [
+        ("checkpoints of a run with loss.label_smoothing=", ["train.label_smoothing=0.2"]),
+        ("checkpoints of a run with data.class_weight=", ["data.class_weight=none"]),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pruning.run_pruning(
+                base, tiny_dataset, out, config.override(overrides), min_lr=1e-3, max_lr=1e-2
+            )
 
     tags = set()
     for path in (out / "tensorboard" / "train").glob("events.out.tfevents.*"):

@@ -268,6 +268,9 @@ def test_resume_refuses_checkpoints_written_under_other_settings(
         # Settings no checkpoint holds: the model's BatchNorm momentum, the input's augmentation.
         ("checkpoints of a run with model.bn_momentum=", ["model.bn_momentum=0.5"]),
         ("checkpoints of a run with data.augment=", [f"data.augment={not config.data.augment}"]),
+        # The loss and its settings: the restored steps minimised another objective.
+        ("checkpoints of a run with loss.class=", ["train.loss=crossentropy"]),
+        ("checkpoints of a run with loss.label_smoothing=", ["train.label_smoothing=0.3"]),
     ]
     for message, overrides in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
