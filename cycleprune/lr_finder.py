@@ -673,6 +673,18 @@ class _SweepCheckpoint:
 SUGGESTION_RULES = {"steepest_valley": suggest_bounds}
 
 
+def sweep_momentum(config: Config) -> float:
+    """The SGD momentum the range test sweeps with: the one training uses at its peak LR.
+
+    ``train.momentum``; under cyclical momentum (``schedule.cyclical_momentum``, where
+    ``train.momentum`` is unused) ``schedule.min_momentum``, training's momentum at ``max_lr``,
+    the bound the sweep's divergence decides: the effective step grows as lr / (1 - momentum).
+    """
+    if config.schedule.cyclical_momentum:
+        return config.schedule.min_momentum
+    return config.train.momentum
+
+
 def run_lr_finder(
     dataset_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -692,7 +704,7 @@ def run_lr_finder(
     (``config.data.class_weight``), runs :func:`find_lr` on the shuffled, augmented training
     split in global batches of ``config.data.batch_size * replicas`` (the batch training will
     use, so the suggested bounds suit it) with the training's optimizer (``config.train.optimizer``
-    and ``momentum``), and writes,
+    and the momentum of :func:`sweep_momentum`), and writes,
     atomically, ``out_dir/lr_finder.json`` (:meth:`LRFinderResult.to_dict`) and
     ``out_dir/lr_finder.png``.
 
@@ -760,7 +772,7 @@ def run_lr_finder(
                 config.lr_finder,
                 loss=losses.make_loss(config.train),
                 optimizer=config.train.optimizer,
-                momentum=config.train.momentum,
+                momentum=sweep_momentum(config),
                 checkpoint_dir=checkpoint_dir,
                 on_checkpoint=on_checkpoint,
             )

@@ -292,6 +292,27 @@ def test_run_lr_finder_sweeps_the_configured_training_optimizer(tiny_dataset, tm
     assert adam.min_lr < sgd.min_lr / 4, (adam.min_lr, sgd.min_lr)
 
 
+def test_run_lr_finder_sweeps_with_the_momentum_training_has_at_its_peak_lr(tiny_dataset, tmp_path):
+    import dataclasses
+
+    config = _smoke_config()
+    train, schedule = config.train, config.schedule
+    # Under cyclical momentum, train.momentum is unused: the sweep takes min_momentum (0.85),
+    # training's momentum at max_lr, whatever train.momentum says.
+    cyclical = config.replace(
+        train=dataclasses.replace(train, momentum=0.0),
+        schedule=dataclasses.replace(schedule, cyclical_momentum=True),
+    )
+    assert lr_finder.sweep_momentum(cyclical) == schedule.min_momentum == 0.85
+    constant = config.replace(train=dataclasses.replace(train, momentum=0.85))
+    swept = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "cyclical", cyclical)
+    same = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "constant", constant)
+    np.testing.assert_allclose(swept.losses, same.losses, rtol=1e-6)
+    plain = config.replace(train=dataclasses.replace(train, momentum=0.0))
+    without = lr_finder.run_lr_finder(tiny_dataset, tmp_path / "none", plain)
+    assert not np.allclose(without.losses, swept.losses, rtol=1e-3)
+
+
 def test_run_lr_finder_writes_nothing_when_it_fails(tiny_dataset, tmp_path, monkeypatch):
     from cycleprune import plots
 
