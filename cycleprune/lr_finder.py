@@ -55,10 +55,11 @@ class LRFinderError(ValueError):
     """The LR range test produced no usable curve (no descent, too few points, no data).
 
     When raised by :func:`find_lr` after a sweep, ``record`` holds the ``lrs``, ``losses`` and
-    ``smoothed`` arrays that were recorded; otherwise it is ``None``.
+    ``smoothed`` arrays that were recorded and ``stopped`` (the sweep ended early, diverged);
+    otherwise it is ``None``.
     """
 
-    record: dict[str, np.ndarray] | None = None
+    record: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -531,7 +532,7 @@ def find_lr(
         min_lr, max_lr = rule(lrs, smoothed, skip_start=default_skip_start(num_steps))
     except LRFinderError as err:
         # Keep the record for diagnosis (plot it with cycleprune.plots.plot_lr_finder).
-        err.record = {"lrs": lrs, "losses": losses, "smoothed": smoothed}
+        err.record = {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stopped}
         raise
     return LRFinderResult(
         lrs=lrs,
@@ -786,7 +787,7 @@ def run_lr_finder(
             smoothed=record["smoothed"],
             min_lr=config.schedule.min_lr,
             max_lr=config.schedule.max_lr,
-            stopped_early=False,
+            stopped_early=bool(record["stopped"]),
             steps=len(record["lrs"]),
             rule=config.lr_finder.rule,
             bounds_from="config",

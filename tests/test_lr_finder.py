@@ -362,6 +362,11 @@ def test_configured_bounds_win_and_survive_a_curve_without_descent(
     saved = json.loads((tmp_path / "flat" / "lr_finder.json").read_text())
     assert saved["bounds_from"] == "config" and saved["suggested_max_lr"] is None
     assert len(saved["lrs"]) == saved["steps"] > 0
+    # A sweep that diverged is reported as stopped early, suggestion or not.
+    wild = cfg.replace(lr_finder=dataclasses.replace(cfg.lr_finder, end_lr=1e6))
+    lr_finder.run_lr_finder(tiny_dataset, tmp_path / "wild", wild)
+    diverged = json.loads((tmp_path / "wild" / "lr_finder.json").read_text())
+    assert diverged["stopped_early"] is True and diverged["steps"] < 20
     # Without configured bounds the same curve is an error, never nonsense bounds.
     auto = cfg.replace(schedule=dataclasses.replace(cfg.schedule, min_lr=0.0, max_lr=0.0))
     with pytest.raises(lr_finder.LRFinderError, match="no usable descent"):
