@@ -43,7 +43,7 @@ import components
 import cycleprune
 from components._base import DEFAULT_IMAGE
 from components.parameters import pipeline_arguments
-from cycleprune import storage
+from cycleprune import redaction, storage
 from cycleprune.config import Config
 from cycleprune.registry import GateConfig, check_model_name
 from cycleprune.report import format_table
@@ -168,15 +168,24 @@ def _watching(tracker: _Tracker) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _root_handlers_to(stream) -> Iterator[None]:
-    """Send the root logger (kfp.local logs through it) to ``stream`` for the block."""
+    """Send the root logger (kfp.local logs through it) to ``stream`` for the block, redacted."""
     root = logging.getLogger()
     saved = root.handlers[:]
     handler = logging.StreamHandler(stream)
+    handler.addFilter(redaction.RedactingFilter())
     root.handlers = [handler]
     try:
         yield
     finally:
         root.handlers = saved
+
+
+def _redact_file(path: Path) -> None:
+    """Rewrite ``path`` with its credentials redacted (see :func:`cycleprune.redaction.redact`)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    clean = redaction.redact(text)
+    if clean != text:
+        storage.atomic_write_text(path, clean)
 
 
 def hide_docker_folder() -> None:
@@ -333,6 +342,8 @@ def run_local(
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if log_path is not None:
+            # The tasks' own output (printed, not logged here) is redacted once the file closes.
+            stack.callback(_redact_file, log_path)
             # kfp.local logs and streams every task's output to sys.stdout: send it to the file.
             handle = stack.enter_context(open(log_path, "w", encoding="utf-8"))
             stack.enter_context(contextlib.redirect_stdout(handle))

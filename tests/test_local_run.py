@@ -170,7 +170,9 @@ def test_a_failed_run_is_one_error_line_naming_task_cause_and_log(tmp_path, caps
 
     monkeypatch.chdir(tmp_path)  # kfp.local's root: runs/.kfp-root under the working folder
 
-    bad = tmp_path / "bad.npz"
+    # A credential in the source's path (as in a signed URL) is in no line printed or logged.
+    bad = tmp_path / "key=SECRET9" / "bad.npz"
+    bad.parent.mkdir()
     bad.write_text("not an archive")
     code = cli.main(
         ["run", "--preset", "smoke", "--source", str(bad), "--out", str(tmp_path / "o")]
@@ -178,9 +180,10 @@ def test_a_failed_run_is_one_error_line_naming_task_cause_and_log(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
     assert err.startswith("error: task prepare-data failed: cycleprune.data.DataError: ")
-    assert f"{bad} is not a .npz archive" in err
+    assert f"{tmp_path}/key=[REDACTED] is not a .npz archive" in err
     log = err.split("Full log: ", 1)[1].split(". Task outputs", 1)[0]
-    assert Path(log).is_file() and "Traceback" in Path(log).read_text()
+    text = Path(log).read_text()
+    assert "Traceback" in text and "key=[REDACTED]" in text and "SECRET9" not in text
     assert not (tmp_path / "o").exists()  # no run folder for a failed run
     missing = cli.main(["run", "--preset", "smoke", "--source", str(tmp_path / "nope.npz")])
     assert missing == 2  # checked before kfp.local starts
