@@ -713,10 +713,7 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
                 f"{split}_labels has {len(labels[split])} labels"
             )
     top = max((int(v.max()) for v in labels.values() if len(v)), default=0)
-    if config.class_names:
-        class_names = list(config.class_names)
-        origin = "data.class_names"
-    elif names_array is not None:
+    if names_array is not None:
         if names_array.ndim != 1 or names_array.dtype.kind not in "US":
             raise DataError(
                 f"{path}: 'class_names' must be a 1-D string array. Received: dtype="
@@ -732,6 +729,17 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
                 f"Received: {class_names[:20]}"
             )
         origin = f"{path} 'class_names'"
+        # Names given twice must agree: otherwise one of them labels the classes wrongly (the
+        # KFP form's default, [normal, pneumonia], would rename any file's classes).
+        if config.class_names and list(config.class_names) != class_names:
+            raise DataError(
+                f"{path} names its classes {class_names}, but data.class_names is "
+                f"{list(config.class_names)}: set data.class_names to the file's names or to [] "
+                f"(the file's)"
+            )
+    elif config.class_names:
+        class_names = list(config.class_names)
+        origin = "data.class_names"
     else:
         n_train = len(labels["train"])
         if n_train and top >= n_train:  # every class needs a training image; bounds the names

@@ -158,8 +158,14 @@ def test_npz_class_names_default_and_from_file(tmp_path):
     assert plain.class_names == ("class_0", "class_1")
     named = _npz(tmp_path / "b.npz", _arrays(), class_names=np.array(["cat", "dog"]))
     assert data.prepare_dataset(named, tmp_path / "b", config).class_names == ("cat", "dog")
-    override = DataConfig(class_names=NAMES)
-    assert data.prepare_dataset(named, tmp_path / "c", override).class_names == NAMES
+    same = DataConfig(class_names=("cat", "dog"))
+    assert data.prepare_dataset(named, tmp_path / "c", same).class_names == ("cat", "dog")
+    # Names given twice must agree, order included: one of them would mislabel the classes.
+    for other in (NAMES, ("dog", "cat")):
+        out = tmp_path / f"d-{other[0]}"
+        with pytest.raises(DataError, match=r"b\.npz names its classes \['cat', 'dog'\], but "):
+            data.prepare_dataset(named, out, DataConfig(class_names=other))
+        _assert_no_output(out)
 
 
 def test_integer_images_in_byte_range_are_accepted(tmp_path):
