@@ -667,11 +667,16 @@ def _stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
 # ---- .npz
 
 
-def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Split]]:
+def _open_npz(
+    file: Path, config: DataConfig, name: str | None = None
+) -> tuple[list[str], dict[str, _Split]]:
+    # Messages, and the splits' names in later ones, say `name` (a gs:// URI whose download is
+    # gone by then), else the file's path.
+    path = name or file
     # numpy calls anything that is neither a zip nor a .npy "pickled (object) data" and suggests
     # allow_pickle: say what the file is instead.
     try:
-        with open(path, "rb") as handle:
+        with open(file, "rb") as handle:
             head = handle.read(6)
     except OSError as err:
         raise DataError(f"Cannot read {path}: {err}") from err
@@ -683,7 +688,7 @@ def _open_npz(path: Path, config: DataConfig) -> tuple[list[str], dict[str, _Spl
         )
         raise DataError(f"{path} is {what}")
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(file, allow_pickle=False)
     except _NPZ_ERRORS as err:
         raise DataError(f"Cannot read {path} as a .npz archive: {err}") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -1065,10 +1070,7 @@ def _open_gcs(uri: str, config: DataConfig) -> tuple[list[str], dict[str, _Split
     if uri.lower().endswith(".npz"):
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.download_file(uri, Path(tmp) / "source.npz")
-            try:
-                return _open_npz(local, config)  # reads the arrays: the file can go
-            except DataError as err:
-                raise DataError(str(err).replace(str(local), uri)) from None
+            return _open_npz(local, config, uri)  # reads the arrays: the file can go
     root = uri.rstrip("/")
     files: dict[str, dict[str, list[str]]] = {}
     names = storage.list_uri(root)

@@ -134,3 +134,22 @@ def test_permission_error_names_the_uri(gcs_bucket, tiny_npz, tmp_path, monkeypa
     monkeypatch.setattr("google.cloud.storage.blob.Blob.download_to_file", forbidden)
     with pytest.raises(PermissionError, match=rf"Permission denied to read {gcs_bucket}/tiny\.npz"):
         data.prepare_dataset(f"{gcs_bucket}/tiny.npz", tmp_path / "out", DataConfig())
+
+
+def test_errors_about_an_npz_object_name_its_uri(gcs_bucket, tiny_npz, tmp_path):
+    # Raised while reading the arrays, and later, planning the splits (the download is gone).
+    with np.load(tiny_npz) as archive:
+        arrays = dict(archive)
+    one_class = {**arrays, "test_labels": np.zeros_like(arrays["test_labels"])}
+    float_labels = {**arrays, "val_labels": arrays["val_labels"].astype(np.float32)}
+    for name, content, message in (
+        ("one_class", one_class, r"'class_1' .* no images in split 'test' \(URI test_images\)"),
+        ("float", float_labels, r"URI: val_labels must hold integer class indices"),
+    ):
+        np.savez(tmp_path / f"{name}.npz", **content)
+        uri = f"{gcs_bucket}/bad/{name}.npz"
+        storage.upload_file(tmp_path / f"{name}.npz", uri)
+        with pytest.raises(data.DataError, match=message.replace("URI", uri)) as err:
+            data.prepare_dataset(uri, tmp_path / name, DataConfig())
+        assert "source.npz" not in str(err.value)
+        assert not (tmp_path / name).exists()
