@@ -160,17 +160,21 @@ def _holds(out_dir: str | os.PathLike, source: str | os.PathLike) -> bool:
     return out == src or out in src.parents
 
 
-def load_info(dataset_dir: str | os.PathLike) -> DatasetInfo:
+def load_info(dataset_dir: str | os.PathLike, *, verify: bool = False) -> DatasetInfo:
     """Read ``dataset.json`` of a prepared dataset and check that its shards exist.
 
     Args:
         dataset_dir: Folder written by :func:`prepare_dataset`.
+        verify: Also check the shards' bytes against the recorded ``content_hash`` (one read of
+            the dataset), so a corrupted or altered shard is named before any stage trains on
+            it, not found mid-epoch as a TensorFlow ``DataLossError``.
 
     Returns:
         The :class:`DatasetInfo`.
 
     Raises:
-        DataError: the folder has no (valid) ``dataset.json``, or a listed shard is missing.
+        DataError: the folder has no (valid) ``dataset.json``, a listed shard is missing, or
+            (``verify``) the shards do not match the ``content_hash``.
     """
     try:
         folder = storage.local_path(dataset_dir)
@@ -190,6 +194,11 @@ def load_info(dataset_dir: str | os.PathLike) -> DatasetInfo:
         for name in names:
             if Path(name).name != name or not (folder / name).is_file():
                 raise DataError(f"{path}: shard {name!r} of split {split!r} is missing")
+    if verify and _content_hash(folder, info.class_names, info.shards) != info.content_hash:
+        raise DataError(
+            f"Prepared dataset {folder} does not match its content_hash: a shard is corrupt or "
+            f"changed after {INFO_FILE} was written; prepare it again"
+        )
     return info
 
 
@@ -1138,12 +1147,7 @@ def _gcs_reader(uris: list[str], config: DataConfig) -> Reader:
 def _open_prepared(folder: Path, config: DataConfig) -> tuple[list[str], dict[str, _Split]]:
     from cycleprune.compat import tf
 
-    info = load_info(folder)
-    if _content_hash(folder, info.class_names, info.shards) != info.content_hash:
-        raise DataError(
-            f"Prepared dataset {folder} does not match its content_hash: its shards "
-            f"changed after {INFO_FILE} was written"
-        )
+    info = load_info(folder, verify=True)
     parse = _parse_fn(tf, None)
     splits = {}
     for split in info.shards:

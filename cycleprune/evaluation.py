@@ -491,7 +491,7 @@ def run_evaluation(
 
     settings = config.evaluate
     candidates, sparsity = _candidates(model_dir_or_path)
-    info = data.load_info(str(dataset_dir))
+    info = data.load_info(str(dataset_dir), verify=True)
     if settings.positive_class >= info.num_classes:
         raise EvaluationError(
             f"evaluate.positive_class={settings.positive_class} but the dataset has "

@@ -741,7 +741,7 @@ def run_lr_finder(
         training.enable_determinism(config.train.seed)
     strategy = strategy if strategy is not None else distribution.select_strategy()
     global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
-    info = data.load_info(dataset_dir)
+    info = data.load_info(dataset_dir, verify=True)
     weights = data.class_weights(info, config.data)
     dataset = data.make_dataset(
         dataset_dir,

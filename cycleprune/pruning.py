@@ -466,7 +466,7 @@ def _run_pruning(
     global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
-    info = data.load_info(str(dataset_dir))
+    info = data.load_info(str(dataset_dir), verify=True)
     train_batches = training.epoch_batches(
         dataset_dir,
         config.data,

@@ -822,7 +822,7 @@ def _run_training(
     global_batch = distribution.global_batch_size(config.data.batch_size, strategy)
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
-    info = data.load_info(str(dataset_dir))
+    info = data.load_info(str(dataset_dir), verify=True)
     epochs = training_epochs(config.train, config.schedule)
     class_weight = data.class_weights(info, config.data)
     train_batches = epoch_batches(

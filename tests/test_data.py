@@ -233,7 +233,7 @@ def test_prepared_dataset_as_source(prepared, tmp_path):
     np.testing.assert_array_equal(images[4, ..., 0], expected)
 
 
-def test_tampered_prepared_dataset_is_refused(prepared, tmp_path):
+def test_tampered_prepared_dataset_is_refused(prepared, tmp_path, capsys):
     copy = tmp_path / "copy"
     copy.mkdir()
     for path in prepared.iterdir():
@@ -244,6 +244,17 @@ def test_tampered_prepared_dataset_is_refused(prepared, tmp_path):
     with pytest.raises(DataError, match="content_hash"):
         data.prepare_dataset(copy, out, DataConfig())
     _assert_no_output(out)
+    # The stages check it before reading a record: one error line naming the dataset, exit 2
+    # (not a TensorFlow DataLossError mid-epoch, which names no file).
+    assert data.load_info(copy).content_hash  # only the shards' presence is checked
+    with pytest.raises(DataError, match=rf"Prepared dataset {copy} does not match its content"):
+        data.load_info(copy, verify=True)
+    from cycleprune import cli
+
+    argv = ["find-lr", "--dataset", str(copy), "--out", str(tmp_path / "lr"), "--preset", "smoke"]
+    assert cli.main(argv) == 2
+    assert f"error: Prepared dataset {copy} does not match" in capsys.readouterr().err
+    assert not (tmp_path / "lr").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Every read of a prepared split goes through ``cycleprune.data._shard_paths`` (``
 opens. The chain is :func:`benchmarks.quality.run_chain`, the pipeline's stages through the
 components' library calls, on the tiny slice of PneumoniaMNIST, with the LR range test choosing
 the bounds so that stage runs for real too. Each stage's library function is wrapped to label the
-reads it makes.
+reads it makes. (Each stage also hashes every shard's bytes against the dataset's content_hash,
+test shards included, before it starts; that check parses no record and yields only match or
+mismatch.)
 """
 
 from __future__ import annotations
