@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from cycleprune.config import Config, preset
+from cycleprune.config import Config, load_yaml, preset
 
 # Pipeline parameter -> the config field(s) it sets.
 PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -85,13 +85,13 @@ PREPARE_FIELDS = (
 def _parse_class_weight(value: Any) -> Any:
     """``"balanced"``, ``"none"``, or a YAML/JSON list such as ``"[1.0, 0.33]"``."""
     if isinstance(value, str) and value.strip().startswith(("[", "{")):
-        return yaml.safe_load(value)
+        return load_yaml(value)
     return value
 
 
 def _parse_extra(extra_config: str) -> dict[str, dict[str, Any]]:
     try:
-        extra = yaml.safe_load(extra_config) if extra_config.strip() else {}
+        extra = load_yaml(extra_config) if extra_config.strip() else {}
     except yaml.YAMLError as err:
         raise ValueError(f"extra_config is not valid YAML/JSON: {err}") from None
     extra = extra or {}

@@ -23,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 POLICIES = ("triangular", "triangular2", "exp_range")
 LOSSES = ("focal", "crossentropy")
@@ -602,7 +605,7 @@ class Config:
                     f"Known: {', '.join(sorted(data[section]))}"
                 )
             try:
-                value = yaml.safe_load(raw)
+                value = load_yaml(raw)
             except (yaml.YAMLError, RecursionError) as err:
                 raise ValueError(f"Cannot parse value in {assignment!r}: {err}") from None
             if isinstance(data[section][name], str) and not isinstance(value, (str, list, dict)):
@@ -612,10 +615,50 @@ class Config:
         return Config.from_dict(data)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers instead of YAML 1.1's.
+
+    YAML 1.1 reads ``0042`` as octal 34 and ``1:40`` as base 60 (100), and ``1e-3`` as a string;
+    YAML 1.2 (the core schema) reads them as 42, a string, and 0.001.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no Python tags), numbers as YAML 1.2 reads them (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
 def _parse(text: str, kind: str, what: str) -> Any:
     """YAML (safe loader: no Python tags) or JSON; every parse failure is a ValueError."""
     try:
-        return yaml.safe_load(text) if kind == "yaml" else json.loads(text)
+        return load_yaml(text) if kind == "yaml" else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"Cannot parse {what}: {err}") from None
 

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from cycleprune import __version__, redaction
+from cycleprune.config import load_yaml
 
 API_PREFIX = "/apis/v2beta1"
 DEFAULT_TIMEOUT = 10.0
@@ -758,7 +759,7 @@ def parse_params(
         path = Path(params_file)
         if not path.is_file():
             raise FileNotFoundError(f"No parameter file at {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise ValueError(
                 f"{path} must hold a mapping of parameter names to values. "
@@ -771,7 +772,7 @@ def parse_params(
         if not sep or not key.isidentifier():
             raise ValueError(f"--param expects name=value. Received: {assignment!r}")
         try:
-            params[key] = yaml.safe_load(raw)
+            params[key] = load_yaml(raw)
         except yaml.YAMLError:
             params[key] = raw
     return params

@@ -52,6 +52,18 @@ def test_overrides_parse_yaml_values():
     assert C.load_config("small", overrides=["lr_finder.start_lr=1e-5"]).lr_finder.start_lr == 1e-5
 
 
+def test_numbers_are_read_as_yaml_1_2_writes_them(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 0042 as octal 34 and 1:40 as base 60 (100).
+    cfg = C.load_config("smoke", overrides=["data.seed=0042", "train.epochs=1e1"])
+    assert (cfg.data.seed, cfg.train.epochs) == (42, 10)
+    with pytest.raises(ValueError, match=r"prune\.frequency must be an integer\. Received: "):
+        C.load_config("smoke", overrides=["prune.frequency=1:40"])
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  seed: 0042\nprune:\n  m_by_n: 2:4\n  frequency: 0x10\n")
+    cfg = C.load_config("smoke", path)
+    assert (cfg.data.seed, cfg.prune.m_by_n, cfg.prune.frequency) == (42, "2:4", 16)
+
+
 def test_class_weight_mapping_from_yaml_and_json():
     yaml_cfg = C.Config.from_yaml("data:\n  class_weight: {0: 1.0, 1: 0.33}\n")
     json_cfg = C.Config.from_json('{"data": {"class_weight": {"0": 1.0, "1": 0.33}}}')
