@@ -32,6 +32,10 @@ from typing import Any
 import yaml
 
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# Images larger than this are refused (a decompression bomb, or not an image we want); a square
+# side must stay within it too (``data.image_size``, ``model.input_size``).
+MAX_PIXELS = 40_000_000
+MAX_SIDE = math.isqrt(MAX_PIXELS)
 
 POLICIES = ("triangular", "triangular2", "exp_range")
 LOSSES = ("focal", "crossentropy")
@@ -135,7 +139,13 @@ class DataConfig:
             names,
             "must be empty or hold at least 2 distinct non-empty names",
         )
-        _check(self.image_size >= 0, s, "image_size", self.image_size, "must be >= 0")
+        _check(
+            0 <= self.image_size <= MAX_SIDE,
+            s,
+            "image_size",
+            self.image_size,
+            f"must be in 0..{MAX_SIDE} (at most {MAX_PIXELS:,} pixels)",
+        )
         _check(self.channels in (1, 3), s, "channels", self.channels, "must be 1 or 3")
         _check(0 < self.val_fraction < 1, s, "val_fraction", self.val_fraction, "must be in (0, 1)")
         _positive(s, "shard_size", self.shard_size)
@@ -210,7 +220,13 @@ class ModelConfig:
         _check(
             0 < self.bn_momentum < 1, "model", "bn_momentum", self.bn_momentum, "must be in (0, 1)"
         )
-        _check(self.input_size >= 0, "model", "input_size", self.input_size, "must be >= 0")
+        _check(
+            0 <= self.input_size <= MAX_SIDE,
+            "model",
+            "input_size",
+            self.input_size,
+            f"must be in 0..{MAX_SIDE} (at most {MAX_PIXELS:,} pixels)",
+        )
         _check(0 <= self.dropout < 1, "model", "dropout", self.dropout, "must be in [0, 1)")
 
 

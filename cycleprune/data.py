@@ -34,15 +34,13 @@ from typing import Any
 import numpy as np
 
 from cycleprune import storage
-from cycleprune.config import DataConfig
+from cycleprune.config import MAX_PIXELS, DataConfig
 
 SPLITS = ("train", "val", "test")
 # Batches a training or evaluation pipeline prepares ahead of the step (see pipeline_options).
 PREFETCH_BATCHES = 2
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 INFO_FILE = "dataset.json"
-# Refuse larger images before decoding them (a decompression bomb, or not an image we want).
-MAX_PIXELS = 40_000_000
 _MAX_LABEL = 2**31 - 1
 _UNSUPPORTED_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 

@@ -96,6 +96,9 @@ def test_config_file_merges_over_preset(tmp_path):
             r"prune\.final_sparsity .*Received: prune\.final_sparsity=1",
         ),
         (["prune.begin_epoch=4", "prune.end_epoch=4"], r"prune\.end_epoch must be > begin_epoch"),
+        # A side whose square exceeds the 40-megapixel limit on images (an OOM, not an error).
+        (["data.image_size=7000"], r"data\.image_size must be in 0\.\.6324 \(at most 40,000,000"),
+        (["model.input_size=100000"], r"model\.input_size must be in 0\.\.6324"),
         (["prune.sparsities=[0.5, 1.5]"], r"prune\.sparsities must all be in \(0, 1\)"),
         # 0 would be a second `dense` model; equal names would share checkpoints and rows.
         (["prune.sparsities=[0.0, 0.5]"], r"prune\.sparsities must all be in \(0, 1\)"),
