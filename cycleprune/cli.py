@@ -250,7 +250,10 @@ def _gate_outcome(registry_uri: str, model_name: str, version: str) -> str:
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from cycleprune import registry, storage
 
-    names = [args.model] if args.model else registry.list_models(args.registry)
+    known = registry.list_models(args.registry)  # a missing folder or bucket is an error
+    if args.model and args.model not in known:
+        raise registry.RegistryError(f"Registry {args.registry} has no model {args.model!r}")
+    names = [args.model] if args.model else known
     for name in names:
         pointer, _ = registry.read_production(args.registry, name)
         current = pointer["version"] if pointer else None

@@ -208,6 +208,11 @@ def test_a_missing_local_registry_or_model_is_named(tmp_path, capsys):
     missing = str(tmp_path / "no-such-registry")
     assert cli.main(["models", "show", "--registry", missing, "--model", "pneumonia"]) == 2
     assert f"No registry at {missing}: there is no such folder" in capsys.readouterr().err
+    for model in ([], ["--model", "pneumonia"]):
+        assert cli.main(["models", "list", "--registry", missing, *model]) == 2
+        assert missing in capsys.readouterr().err
+    assert cli.main(["models", "list", "--registry", str(tmp_path), "--model", "nope"]) == 2
+    assert f"Registry {tmp_path} has no model 'nope'" in capsys.readouterr().err
     assert cli.main(["models", "rollback", "--registry", str(tmp_path), "--model", "nope"]) == 2
     assert f"Registry {tmp_path} has no model 'nope'" in capsys.readouterr().err
     (tmp_path / "nope").mkdir()  # the model's folder, but nothing promoted yet
