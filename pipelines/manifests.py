@@ -10,6 +10,11 @@ Generated files, all checked for drift by ``tests/test_manifests.py``:
 - ``components/params/images.yaml``: a kustomize replacement that sets the image of every
   executor (and of the retrain CronJob) to ``IMAGE`` from an overlay's ``params.env``. Kustomize
   cannot address "every key of a map", so the executor names are listed explicitly.
+
+Each variant is compiled with the ``IMAGE`` of its overlay's ``params.env``, so the
+PipelineVersion's name (:func:`pipelines.compile.version_name`, a digest of image and spec)
+changes with the image: KFP refuses a new spec under an existing version's name. After changing
+``IMAGE``, run ``make manifests`` again; the replacement alone would keep the old name.
 """
 
 import argparse
@@ -99,27 +104,50 @@ def _kustomization(variant: str, gpus: int) -> str:
     )
 
 
+def overlay_image(root: str | Path, variant: str) -> str:
+    """``IMAGE`` of ``root/overlays/<variant>/params.env``; :data:`DEFAULT_IMAGE` without one.
+
+    Raises:
+        ValueError: the file exists but sets no ``IMAGE``.
+    """
+    path = Path(root) / "overlays" / variant / "params.env"
+    if not path.is_file():
+        return DEFAULT_IMAGE
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#") and key.strip() == "IMAGE":
+            return value.strip()
+    raise ValueError(f"{path} sets no IMAGE")
+
+
 def generate_manifests(
-    *, image: str = DEFAULT_IMAGE, variants: Mapping[str, int] = VARIANTS
+    *,
+    root: str | Path | None = None,
+    image: str | None = None,
+    variants: Mapping[str, int] = VARIANTS,
 ) -> dict[Path, str]:
     """Compile every variant and return the generated files, by path relative to ``manifests/``.
 
     Args:
-        image: Component image compiled into the pipeline (overlays replace it from params.env).
+        root: The kustomize tree whose overlays' ``params.env`` name each variant's image.
+        image: Compile every variant with this image instead (default: each overlay's
+            ``IMAGE``, else :data:`DEFAULT_IMAGE`).
         variants: Variant name -> GPUs per GPU stage.
 
     Returns:
         ``{relative path: text}``.
 
     Raises:
-        ValueError: ``variants`` is empty or the compiled variants differ in their executors.
+        ValueError: ``variants`` is empty, a ``params.env`` sets no ``IMAGE``, or the compiled
+            variants differ in their executors.
     """
     if not variants:
         raise ValueError(f"Argument `variants` must not be empty. Received: {variants!r}")
     files: dict[Path, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant, gpus in variants.items():
-            compile_pipeline(Path(tmp) / variant, image=image, gpus=gpus)
+            used = image or (overlay_image(root, variant) if root is not None else DEFAULT_IMAGE)
+            compile_pipeline(Path(tmp) / variant, image=used, gpus=gpus)
             text = (Path(tmp) / variant / MANIFEST_FILE).read_text()
             files[COMPILED / variant / MANIFEST_FILE] = text
             files[COMPILED / variant / "kustomization.yaml"] = _kustomization(variant, gpus)
@@ -128,18 +156,18 @@ def generate_manifests(
     return files
 
 
-def sync_manifests(root: str | Path = "manifests", *, image: str = DEFAULT_IMAGE) -> list[Path]:
+def sync_manifests(root: str | Path = "manifests", *, image: str | None = None) -> list[Path]:
     """Regenerate the generated files under ``root`` (see :func:`generate_manifests`).
 
     Args:
         root: The kustomize tree (``manifests/``).
-        image: Component image compiled into the pipeline.
+        image: Compile every variant with this image (default: each overlay's ``IMAGE``).
 
     Returns:
         The written paths.
     """
     written = []
-    for relative, text in generate_manifests(image=image).items():
+    for relative, text in generate_manifests(root=root, image=image).items():
         path = storage.atomic_write_text(Path(root) / relative, text)
         path.chmod(0o644)  # mkstemp made it private; it is a committed, readable file
         written.append(path)

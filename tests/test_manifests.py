@@ -607,10 +607,43 @@ def test_committed_manifests_match_a_fresh_compile():
 
     stale = [
         str(path)
-        for path, text in manifests.generate_manifests().items()
+        for path, text in manifests.generate_manifests(root=MANIFESTS).items()
         if not (MANIFESTS / path).is_file() or (MANIFESTS / path).read_text() != text
     ]
     assert not stale, f"stale generated manifests {stale}: run `make manifests` and commit"
+
+
+def test_a_new_image_gets_a_new_pipeline_version_name(tmp_path):
+    # KFP refuses another spec under an existing PipelineVersion's name: moving the image (say,
+    # to another registry, same tag) must name a new version, not fail `kubectl apply`.
+    from pipelines import manifests
+
+    tree = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, tree)
+    before = one(render("gpu"), "PipelineVersion")
+    params = tree / "overlays" / "gpu" / "params.env"
+    moved = "europe-docker.pkg.dev/p/r/cycleprune:0.1.0"
+    params.write_text(re.sub(r"(?m)^IMAGE=.*$", f"IMAGE={moved}", params.read_text()))
+    assert manifests.overlay_image(tree, "gpu") == moved
+    manifests.sync_manifests(tree)
+    objects = _kustomize(tree / "overlays" / "gpu")
+    after = one(objects, "PipelineVersion")
+    assert after["metadata"]["name"] != before["metadata"]["name"]
+    images = {
+        e["container"]["image"]
+        for e in pipeline_spec(objects)["deploymentSpec"]["executors"].values()
+    }
+    assert images == {moved}
+    # The CronJob submits the new version; the CPU variant, its IMAGE unchanged, keeps its name.
+    cronjob = one(objects, "CronJob", "cycleprune-retrain")
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PIPELINE_VERSION"] == after["spec"]["displayName"]
+    cpu = one(_kustomize(tree / "overlays" / "cpu"), "PipelineVersion")
+    assert cpu["metadata"]["name"] == one(render("cpu"), "PipelineVersion")["metadata"]["name"]
+    (params.parent / "params.env").write_text("NAMESPACE=x\n")
+    with pytest.raises(ValueError, match=r"params\.env sets no IMAGE"):
+        manifests.overlay_image(tree, "gpu")
 
 
 def test_every_overlay_uses_its_compiled_variant():
