@@ -92,7 +92,13 @@ image: ## Build the component image IMAGE_REPO:VERSION from docker/Dockerfile (n
 	  --build-arg VERSION=$(VERSION) \
 	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
 
-push: image ## Push the component image to its registry (run `docker login` first)
+# A pushed tag is never rewritten: nodes keep an image tag they have pulled (IfNotPresent) and
+# KFP's cache keys on the image name, so new code under an old tag might never run.
+push: image ## Push the component image to its registry (run `docker login` first); never rewrites a tag
+	@if $(DOCKER) manifest inspect $(IMAGE) >/dev/null 2>&1 && [ "$(OVERWRITE)" != 1 ]; then \
+	  echo "error: $(IMAGE) is already in the registry; bump __version__ in cycleprune/__init__.py for new code (OVERWRITE=1 rewrites the tag anyway)" >&2; \
+	  exit 2; \
+	fi
 	$(DOCKER) push $(IMAGE)
 
 manifests: $(STAMP) ## Recompile the pipeline (GPU and CPU variants) into manifests/compiled

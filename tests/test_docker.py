@@ -272,3 +272,31 @@ def test_make_image_tags_what_the_compiler_writes_as_base_image():
     assert tag == DEFAULT_IMAGE == f"{DEFAULT_IMAGE.rpartition(':')[0]}:{__version__}"
     assert f"VERSION={__version__}" in words
     assert words[words.index("-f") + 1] == "docker/Dockerfile"
+
+
+@pytest.mark.parametrize(
+    ("exists", "overwrite", "pushed"), [(False, "", True), (True, "", False), (True, "1", True)]
+)
+def test_make_push_never_rewrites_a_pushed_tag(tmp_path, exists, overwrite, pushed):
+    from pipelines import DEFAULT_IMAGE
+
+    # A fake docker: records its calls; `manifest inspect` finds the tag when `exists`.
+    log = tmp_path / "calls"
+    docker = tmp_path / "docker"
+    found = "exit 0" if exists else "exit 1"
+    docker.write_text(f'#!/bin/sh\necho "$*" >> {log}\n[ "$1" = manifest ] && {found}\nexit 0\n')
+    docker.chmod(0o755)
+    done = subprocess.run(
+        ["make", "push", f"DOCKER={docker}", f"OVERWRITE={overwrite}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("build ") and calls[1].startswith("manifest inspect ")
+    assert (f"push {DEFAULT_IMAGE}" in calls) is pushed
+    assert (done.returncode == 0) is pushed, done.stderr
+    if not pushed:
+        assert f"error: {DEFAULT_IMAGE} is already in the registry; bump __version__" in done.stderr
