@@ -946,23 +946,23 @@ def write_outputs(
     history: dict,
     tensorboard_src: str | os.PathLike | None,
 ) -> Path:
-    """Write ``model.keras``, ``history.json`` and a copy of the TensorBoard logs, each atomically.
+    """Write ``history.json``, a copy of the TensorBoard logs and ``model.keras``, each atomically.
 
-    The model is saved as an uncompiled copy (architecture and weights; no optimizer, loss or
-    metrics), so loading it never needs the training-time classes.
+    ``model.keras``, what the next stage takes, comes last: a failure before it leaves no model
+    beside an incomplete record. The model is saved as an uncompiled copy (architecture and
+    weights; no optimizer, loss or metrics), so loading it never needs the training-time classes.
 
     Returns:
         The path of ``model.keras``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = save_model(model, out_dir / "model.keras")
     storage.atomic_write_json(out_dir / "history.json", history)
     if tensorboard_src is not None and Path(tensorboard_src).is_dir():
         # _ScalarWriter's layout: every log folder has train/.
         with storage.atomic_dir(out_dir / TENSORBOARD_DIR, replaces="train") as tmp:
             shutil.copytree(tensorboard_src, tmp, dirs_exist_ok=True)
-    return model_path
+    return save_model(model, out_dir / "model.keras")
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> Path:

@@ -516,3 +516,22 @@ def test_half_written_and_damaged_checkpoints_are_never_restored(
     assert "Skipping unreadable checkpoint" in caplog.text and "ckpt-2" in caplog.text
     assert resumed.epochs_run == 2 and resumed.global_step == 3 * STEPS
     assert [e["epoch"] for e in resumed.history["epochs"]] == [1, 2, 3]
+
+
+def test_write_outputs_writes_the_model_last(tmp_path, monkeypatch):
+    # The next stage takes model.keras: a failure while writing the record leaves none.
+    from cycleprune import storage, training
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "atomic_write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        training.write_outputs(model, tmp_path / "out", {"epochs": []}, None)
+    assert not (tmp_path / "out" / "model.keras").exists()
+    monkeypatch.undo()
+    path = training.write_outputs(model, tmp_path / "out", {"epochs": []}, None)
+    assert path == tmp_path / "out" / "model.keras" and path.is_file()
+    assert json.loads((tmp_path / "out" / "history.json").read_text()) == {"epochs": []}
