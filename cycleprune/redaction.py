@@ -34,9 +34,22 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     # `name=value` (query strings, form bodies, command lines). The name must start at a boundary
     # (after ?, &, ;, space, quote...), so `TOKEN_PATH=/var/run/...` is not a token.
+    # A quoted value keeps its quotes: password="x" -> password="[REDACTED]".
     (
         re.compile(
-            rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=)(?!\[REDACTED\])[^\s&#'\",;)\]}}]+"
+            rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=[\"']?)(?!\[REDACTED\])"
+            rf"[^\s&#'\",;)\]}}]+"
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # `Name: value` (YAML, HTTP headers such as X-Auth-Token), for the unambiguous names only:
+    # "key: ..." and "sig: ..." are too common in ordinary messages. A space or quote must follow
+    # the colon: `scheme://user-token:secret@host` is the URL rule's.
+    (
+        re.compile(
+            r"(?i)(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key"
+            r"|apikey|signature|credential)\s*:(?:[ \t]+[\"']?|[\"']))(?!\[REDACTED\])"
+            r"[^\s&#'\",;)\]}]+"
         ),
         rf"\1{REDACTED}",
     ),

@@ -56,6 +56,10 @@ AWS = "AKIAFAKEFAKEFAKE0000"
             ["end"],
         ),
         ("password=hunter2 user=alice", ["hunter2"], ["user=alice"]),
+        # Quoted values, and `Name: value` as in YAML or an echoed HTTP header.
+        ('password="hunter2" user=alice', ["hunter2"], ['password="', "user=alice"]),
+        ("X-Auth-Token: abcdef123\nHost: kfp", ["abcdef123"], ["X-Auth-Token: ", "Host: kfp"]),
+        ("refresh_token: 'r3fr3sh' # from the file", ["r3fr3sh"], ["# from the file"]),
     ],
 )
 def test_redact_removes_secrets_and_keeps_the_rest(text, secrets, kept):
@@ -77,6 +81,7 @@ def test_redact_removes_secrets_and_keeps_the_rest(text, secrets, kept):
         "gs://bucket/pipeline-root/cycleprune/run-1/dataset",
         "schedule.min_lr must be > 0 and < max_lr (0.1). Received: schedule.min_lr=0.2",
         "http://localhost:8080/#/runs/details/r-1",
+        "npz has no array 'test_labels' (missing key: test_labels)",
     ],
 )
 def test_redact_leaves_ordinary_messages_alone(text):
