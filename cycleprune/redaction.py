@@ -83,9 +83,10 @@ def redact(text: str) -> str:
 
     Covers signed-URL and token query parameters (``X-Goog-Signature``, ``X-Goog-Credential``,
     ``X-Amz-*``, ``sig``, ``access_token``, ``token``, ``key``, ...), ``name=value`` (quoted or
-    not), ``Name: value`` (YAML, HTTP headers) and JSON fields named like a secret, ``Bearer``/``Basic`` credentials, ``user:password@`` in URLs,
-    PEM private keys, and well-known token formats (Google OAuth ``ya29.``, Google API keys,
-    GitHub, AWS access key ids, Slack, JWTs). Idempotent: ``redact(redact(t)) == redact(t)``.
+    not), ``Name: value`` (YAML, HTTP headers) and JSON fields named like a secret,
+    ``Bearer``/``Basic`` credentials, ``user:password@`` in URLs, PEM private keys, and
+    well-known token formats (Google OAuth ``ya29.``, Google API keys, GitHub, AWS access key
+    ids, Slack, JWTs). Idempotent: ``redact(redact(t)) == redact(t)``.
 
     Args:
         text: Any text; non-strings are converted with ``str``.
