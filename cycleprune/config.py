@@ -194,11 +194,16 @@ def _weights_tuple(value: Any) -> tuple[float, ...]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+ARCHS = ("vgg", "resnet")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The article's VGG-style network (see :func:`cycleprune.models.build_model`).
+    """The network (see :func:`cycleprune.models.build_model`).
 
     Attributes:
+        arch: ``vgg``, the article's VGG16-style stack, or ``resnet``, a ResNet-18-style stack
+            of basic residual blocks (needs ``batch_norm``).
         width: Width multiplier on every block's filter count (1.0 = 64..512).
         input_size: Side the model resizes its input to, inside the model (0 = no resize).
         batch_norm: BatchNorm after every convolution.
@@ -214,8 +219,17 @@ class ModelConfig:
     batch_norm: bool = False
     dropout: float = 0.0
     bn_momentum: float = 0.99
+    arch: str = "vgg"
 
     def __post_init__(self) -> None:
+        _choice("model", "arch", self.arch, ARCHS)
+        _check(
+            self.arch != "resnet" or self.batch_norm,
+            "model",
+            "batch_norm",
+            self.batch_norm,
+            "must be true with model.arch=resnet (its residual blocks are built around BatchNorm)",
+        )
         _positive("model", "width", self.width)
         _check(
             0 < self.bn_momentum < 1, "model", "bn_momentum", self.bn_momentum, "must be in (0, 1)"

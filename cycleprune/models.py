@@ -1,11 +1,19 @@
-"""The article's VGG-style classifier, and loading saved models.
+"""The classifiers (the article's VGG-style network, or a ResNet-18-style one), and loading them.
 
-The network is VGG16's convolutional stack (Simonyan & Zisserman 2015, "Very Deep Convolutional
-Networks for Large-Scale Image Recognition") with a global-average-pooling head: five blocks of
-3x3 same-padded ReLU convolutions with 64, 64 | 128, 128 | 256 x3 | 512 x3 | 512 x3 filters, a
-2x2 max pool after each of the first four blocks, then GlobalAveragePooling2D, optional Dropout
-and a softmax Dense layer. The model takes raw pixels (float32, 0..255) and rescales and resizes
-them itself, so an exported model accepts images exactly as the prepared dataset stores them.
+``vgg`` (the article's) is VGG16's convolutional stack (Simonyan & Zisserman 2015, "Very Deep
+Convolutional Networks for Large-Scale Image Recognition") with a global-average-pooling head:
+five blocks of 3x3 same-padded ReLU convolutions with 64, 64 | 128, 128 | 256 x3 | 512 x3 |
+512 x3 filters, a 2x2 max pool after each of the first four blocks, then GlobalAveragePooling2D,
+optional Dropout and a softmax Dense layer.
+
+``resnet`` is ResNet-18's stack (He et al. 2016, "Deep Residual Learning for Image
+Recognition") in its small-image form: a 3x3 stem convolution at full resolution (no 7x7
+stride-2 stem, no max pool), then four stages of two basic blocks (two 3x3 convolutions with
+BatchNorm, an identity shortcut, or a 1x1 projection where the shape changes) with 64, 128,
+256, 512 filters, stride 2 at the start of stages 2-4, and the same head.
+
+Both take raw pixels (float32, 0..255) and rescale and resize them themselves, so an exported
+model accepts images exactly as the prepared dataset stores them.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from cycleprune.config import ModelConfig
 
 # (filters, convolutions) per block; pooling follows every block but the last.
 VGG_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+# ResNet-18: filters per stage, two basic blocks each; stages 2-4 start with stride 2.
+RESNET_STAGES: tuple[int, ...] = (64, 128, 256, 512)
+RESNET_BLOCKS = 2
 _POOLED_BLOCKS = len(VGG_BLOCKS) - 1
 # Four 2x2 "valid" pools need a side of at least 2**4 to leave a 1x1 map for the last block.
 MIN_SIDE = 2**_POOLED_BLOCKS
@@ -35,16 +46,23 @@ def build_model(
     *,
     seed: int | None = None,
 ) -> keras.Model:
-    """Build the article's VGG-style classifier.
+    """Build the classifier ``config.arch`` names: ``vgg`` (the article's) or ``resnet``.
 
     Layers, in order: ``rescale`` (x / 255), ``resize`` (only when ``config.input_size > 0`` and it
-    differs from the input side), then per block ``b`` and convolution ``i``: ``block{b}_conv{i}``
-    (3x3, same padding; without bias when followed by BatchNorm), optionally ``block{b}_bn{i}``,
-    ``block{b}_relu{i}``; ``block{b}_pool`` after blocks 1-4; ``avg_pool``; optional ``dropout``;
-    ``predictions`` (Dense softmax, float32 even under a mixed-precision policy).
+    differs from the input side), the body, ``avg_pool``; optional ``dropout``; ``predictions``
+    (Dense softmax, float32 even under a mixed-precision policy).
 
-    At ``width=1.0`` without BatchNorm, a 28x28x1 input and 2 classes, the model has 14,714,562
-    parameters (VGG16's 14,714,688 conv parameters for a 1-channel input, plus the head).
+    ``vgg``'s body, per block ``b`` and convolution ``i``: ``block{b}_conv{i}`` (3x3, same
+    padding; without bias when followed by BatchNorm), optionally ``block{b}_bn{i}``,
+    ``block{b}_relu{i}``; ``block{b}_pool`` after blocks 1-4. At ``width=1.0`` without BatchNorm,
+    a 28x28x1 input and 2 classes, the model has 14,714,562 parameters (VGG16's 14,714,688 conv
+    parameters for a 1-channel input, plus the head).
+
+    ``resnet``'s body: ``stem_conv``, ``stem_bn``, ``stem_relu``; then per stage ``s`` and block
+    ``b``: ``stage{s}_block{b}_conv1``/``_bn1``/``_relu1``, ``_conv2``/``_bn2``, where the shape
+    changes ``_shortcut``/``_shortcut_bn`` (1x1 projection), ``_add`` and ``_relu``. Its
+    convolutions have no bias (BatchNorm follows each). At ``width=1.0``, a 28x28x1 input and 2
+    classes, the model has 11,178,306 parameters (ResNet-18 for CIFAR-sized images, 1 channel).
 
     Convolutions are initialised He-uniform (He et al. 2015, "Delving Deep into Rectifiers"),
     the initialisation derived for ReLU stacks; the classifier is Glorot-uniform. Why: on the
@@ -53,26 +71,26 @@ def build_model(
     and reaches a validation AUC of 0.97 with He's.
 
     Args:
-        config: Width multiplier, input size, BatchNorm and dropout.
+        config: Architecture, width multiplier, input size, BatchNorm and dropout.
         input_shape: ``(height, width, channels)`` of the raw images.
         num_classes: Number of classes (>= 2) of the softmax output.
         seed: Seed for the weight initialisers and dropout; the same seed gives the same initial
             weights. ``None`` draws them from the global random state.
 
     Returns:
-        An uncompiled functional ``keras.Model`` named ``"vgg"``, from float32 images 0..255 of
-        ``input_shape`` to class probabilities ``[batch, num_classes]`` (float32).
+        An uncompiled functional ``keras.Model`` named after ``config.arch``, from float32 images
+        0..255 of ``input_shape`` to class probabilities ``[batch, num_classes]`` (float32).
 
     Raises:
-        ValueError: a bad ``input_shape`` or ``num_classes``, or an input too small for four
-            2x2 poolings (side < 16 after resizing).
+        ValueError: a bad ``input_shape`` or ``num_classes``, or (``vgg``) an input too small for
+            four 2x2 poolings (side < 16 after resizing).
     """
     input_shape = _check_input_shape(input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"Argument `num_classes` must be an int >= 2. Received: {num_classes=}")
     height, width_px, _ = input_shape
     side = config.input_size if config.input_size > 0 else min(height, width_px)
-    if side < MIN_SIDE:
+    if config.arch == "vgg" and side < MIN_SIDE:
         raise ValueError(
             f"The model needs images of at least {MIN_SIDE}x{MIN_SIDE} (four 2x2 poolings); set "
             f"model.input_size >= {MIN_SIDE}. Received: input_shape={input_shape}, "
@@ -84,6 +102,22 @@ def build_model(
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     if config.input_size > 0 and (height, width_px) != (config.input_size, config.input_size):
         x = keras.layers.Resizing(config.input_size, config.input_size, name="resize")(x)
+    body = {"vgg": _vgg_body, "resnet": _resnet_body}[config.arch]
+    x = body(x, config, seeds)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if config.dropout > 0:
+        x = keras.layers.Dropout(config.dropout, seed=seeds.next(), name="dropout")(x)
+    outputs = keras.layers.Dense(
+        num_classes,
+        activation="softmax",
+        kernel_initializer=seeds.glorot_uniform(),
+        dtype="float32",
+        name="predictions",
+    )(x)
+    return keras.Model(inputs, outputs, name=config.arch)
+
+
+def _vgg_body(x, config: ModelConfig, seeds: _SeedSequence):
     for b, (filters, convs) in enumerate(VGG_BLOCKS, start=1):
         n = scaled_filters(filters, config.width)
         for i in range(1, convs + 1):
@@ -102,17 +136,41 @@ def build_model(
             x = keras.layers.Activation("relu", name=f"block{b}_relu{i}")(x)
         if b <= _POOLED_BLOCKS:
             x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if config.dropout > 0:
-        x = keras.layers.Dropout(config.dropout, seed=seeds.next(), name="dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes,
-        activation="softmax",
-        kernel_initializer=seeds.glorot_uniform(),
-        dtype="float32",
-        name="predictions",
-    )(x)
-    return keras.Model(inputs, outputs, name="vgg")
+    return x
+
+
+def _resnet_body(x, config: ModelConfig, seeds: _SeedSequence):
+    def conv(x, filters: int, kernel: int, stride: int, name: str):
+        return keras.layers.Conv2D(
+            filters,
+            kernel,
+            strides=stride,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=seeds.he_uniform(),
+            name=name,
+        )(x)
+
+    def bn(x, name: str):
+        return keras.layers.BatchNormalization(momentum=config.bn_momentum, name=name)(x)
+
+    stem = scaled_filters(RESNET_STAGES[0], config.width)
+    x = keras.layers.Activation("relu", name="stem_relu")(
+        bn(conv(x, stem, 3, 1, "stem_conv"), "stem_bn")
+    )
+    for s, filters in enumerate(RESNET_STAGES, start=1):
+        n = scaled_filters(filters, config.width)
+        for b in range(1, RESNET_BLOCKS + 1):
+            stride = 2 if s > 1 and b == 1 else 1
+            p = f"stage{s}_block{b}"
+            y = conv(x, n, 3, stride, f"{p}_conv1")
+            y = keras.layers.Activation("relu", name=f"{p}_relu1")(bn(y, f"{p}_bn1"))
+            y = bn(conv(y, n, 3, 1, f"{p}_conv2"), f"{p}_bn2")
+            if stride != 1 or x.shape[-1] != n:
+                x = bn(conv(x, n, 1, stride, f"{p}_shortcut"), f"{p}_shortcut_bn")
+            x = keras.layers.Add(name=f"{p}_add")([x, y])
+            x = keras.layers.Activation("relu", name=f"{p}_relu")(x)
+    return x
 
 
 def custom_objects() -> dict[str, object]:

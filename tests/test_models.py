@@ -171,3 +171,57 @@ def test_batchnorm_momentum_comes_from_the_config():
     assert norms and {layer.momentum for layer in norms} == {0.9}
     with pytest.raises(ValueError, match=r"model\.bn_momentum"):
         ModelConfig(bn_momentum=1.0)
+
+
+RESNET = ModelConfig(arch="resnet", width=0.125, batch_norm=True)
+
+
+def _trainable(model) -> int:
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def test_resnet_is_resnet18_for_small_images():
+    # ResNet-18 in its CIFAR form (3x3 stem, no max pool) has 11,173,962 trainable parameters
+    # for 32x32x3 images and 10 classes (He et al. 2016; the common PyTorch port's count).
+    full = ModelConfig(arch="resnet", width=1.0, batch_norm=True)
+    assert _trainable(models.build_model(full, (32, 32, 3), 10)) == 11_173_962
+    model = models.build_model(full, (28, 28, 1), 2)
+    assert model.count_params() == 11_178_306 and model.name == "resnet"
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 1 + 4 * 2 * 2 + 3  # stem, two per block, three 1x1 shortcuts
+    assert all(not layer.use_bias for layer in convs)
+    assert [model.get_layer(f"stage{s}_block1_conv1").strides for s in (1, 2, 3, 4)] == [
+        (1, 1),
+        (2, 2),
+        (2, 2),
+        (2, 2),
+    ]
+    assert [f"stage{s}_block1_shortcut" in {c.name for c in convs} for s in (1, 2, 3, 4)] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    # 28 -> 28 -> 14 -> 7 -> 4 pixels per side through the stages.
+    assert model.get_layer("stage4_block2_relu").output.shape[1:3] == (4, 4)
+    assert [layer.name for layer in model.layers][-2:] == ["avg_pool", "predictions"]
+
+
+def test_resnet_width_seed_and_errors():
+    a = models.build_model(RESNET, (28, 28, 1), 2, seed=3)
+    b = models.build_model(RESNET, (28, 28, 1), 2, seed=3)
+    c = models.build_model(RESNET, (28, 28, 1), 2, seed=4)
+    assert (
+        a.get_layer("stem_conv").filters == 8 and a.get_layer("stage4_block2_conv2").filters == 64
+    )
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.get_layer("stem_conv").kernel, c.get_layer("stem_conv").kernel)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(a.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
+    # Any side works (no pooling to run out of pixels).
+    assert models.build_model(RESNET, (8, 8, 1), 2).output_shape == (None, 2)
+    with pytest.raises(ValueError, match=r"model\.batch_norm must be true with model\.arch=resnet"):
+        ModelConfig(arch="resnet", batch_norm=False)
+    with pytest.raises(ValueError, match=r"model\.arch must be one of vgg, resnet"):
+        ModelConfig(arch="mobilenet")

@@ -360,3 +360,27 @@ def test_run_pruning_resumes_after_sigterm_with_the_pruning_step_where_it_was(
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resnet_prunes_strips_and_converts_to_tflite(batch, tmp_path):
+    # The residual network's Add layers and 1x1 shortcuts go through the same chain as the VGG:
+    # wrapping, fine-tuning, strip, TFLite (dynamic and full-integer).
+    from cycleprune import compression, evaluation, models
+    from cycleprune.pruning import overall_sparsity, prune_model, sparsity_report, strip
+
+    config = ModelConfig(arch="resnet", width=0.125, batch_norm=True)
+    model = models.build_model(config, (28, 28, 1), 2, seed=0)
+    prune = PruneConfig(final_sparsity=0.5, begin_epoch=0, end_epoch=1, frequency=1)
+    tuned = _fine_tune(prune_model(model, prune, steps_per_epoch=2), batch)
+    layers = sparsity_report(tuned)
+    assert "stage2_block1_shortcut" in layers and len(layers) == 21  # every conv and the head
+    assert all(v == pytest.approx(0.5, abs=0.02) for v in layers.values()), layers
+    stripped = strip(tuned)
+    assert overall_sparsity(stripped) == pytest.approx(0.5, abs=0.02)
+    x, _ = batch
+    expected = stripped.predict(x, verbose=0)
+    for mode, tolerance in (("dynamic", 0.05), ("int8", 0.1)):
+        path = tmp_path / f"{mode}.tflite"
+        path.write_bytes(compression.convert_tflite(stripped, mode, representative=x[:16]))
+        got = evaluation.predict_proba(path, x)
+        assert np.abs(got - expected).max() < tolerance, mode
