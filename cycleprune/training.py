@@ -707,9 +707,14 @@ def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool)
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """``(dotted field, old value, new value)`` of the first leaf that differs, or ``None``."""
+    """``(dotted field, old value, new value)`` of the first leaf that differs, or ``None``.
+
+    A field the stored key ``old`` does not have is not compared: an older cycleprune did not
+    record it, and, as with checkpoints that have no ``run.json`` at all, they still resume.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
-        for name in [*new, *(n for n in old if n not in new)]:  # steps_per_epoch first
+        names = [n for n in new if n in old] + [n for n in old if n not in new]
+        for name in names:  # steps_per_epoch first
             found = _first_difference(old.get(name), new.get(name), f"{path}.{name}".lstrip("."))
             if found is not None:
                 return found

@@ -283,6 +283,19 @@ def test_resume_refuses_checkpoints_written_under_other_settings(
                 checkpoint_dir=checkpoints,
             )
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written
+    # A key an older cycleprune wrote, without the settings recorded since (here the loss),
+    # still resumes, as checkpoints with no run.json at all do.
+    older = {k: v for k, v in stored.items() if k != "loss"}
+    (checkpoints / training.RUN_KEY_FILE).write_text(json.dumps(older))
+    resumed = training.run_training(
+        tiny_dataset,
+        tmp_path / "o3",
+        config,
+        min_lr=MIN_LR,
+        max_lr=MAX_LR,
+        checkpoint_dir=checkpoints,
+    )
+    assert resumed.epochs_run == 0  # finished: nothing to train, no error
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
