@@ -34,7 +34,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     # `name=value` (query strings, form bodies, command lines). The name must start at a boundary
     # (after ?, &, ;, space, quote...), so `TOKEN_PATH=/var/run/...` is not a token.
-    # A quoted value keeps its quotes: password="x" -> password="[REDACTED]".
+    # A quoted value keeps its quotes and may hold spaces: password="a b" -> password="[REDACTED]".
+    (
+        re.compile(
+            rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=([\"']))(?!\[REDACTED\])[^\"'\n]*(?=\2)"
+        ),
+        rf"\1{REDACTED}",
+    ),
     (
         re.compile(
             rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=[\"']?)(?!\[REDACTED\])"
@@ -45,6 +51,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # `Name: value` (YAML, HTTP headers such as X-Auth-Token), for the unambiguous names only:
     # "key: ..." and "sig: ..." are too common in ordinary messages. A space or quote must follow
     # the colon: `scheme://user-token:secret@host` is the URL rule's.
+    (
+        re.compile(
+            r"(?i)(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key"
+            r"|apikey|signature|credential)\s*:[ \t]*([\"']))(?!\[REDACTED\])[^\"'\n]*(?=\2)"
+        ),
+        rf"\1{REDACTED}",
+    ),
     (
         re.compile(
             r"(?i)(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key"

@@ -182,6 +182,8 @@ def _root_handlers_to(stream) -> Iterator[None]:
 
 def _redact_file(path: Path) -> None:
     """Rewrite ``path`` with its credentials redacted (see :func:`cycleprune.redaction.redact`)."""
+    if not path.is_file():  # it could not be opened: that error is the one to see
+        return
     text = path.read_text(encoding="utf-8", errors="replace")
     clean = redaction.redact(text)
     if clean != text:
@@ -342,7 +344,8 @@ def run_local(
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if log_path is not None:
-            # The tasks' own output (printed, not logged here) is redacted once the file closes.
+            # The tasks' own output (printed, not logged here) is redacted once the file closes
+            # (callbacks run last-in, first-out: this one after the file's close).
             stack.callback(_redact_file, log_path)
             # kfp.local logs and streams every task's output to sys.stdout: send it to the file.
             handle = stack.enter_context(open(log_path, "w", encoding="utf-8"))

@@ -190,6 +190,16 @@ def test_a_failed_run_is_one_error_line_naming_task_cause_and_log(tmp_path, caps
     assert "Data source not found: " in capsys.readouterr().err
 
 
+def test_the_run_log_handler_redacts_what_is_logged(tmp_path):
+    import io
+
+    stream = io.StringIO()
+    with local_run._root_handlers_to(stream):
+        logging.getLogger("kfp.local").warning("GET https://h/o?X-Goog-Signature=SECRET1 ok")
+    assert stream.getvalue().strip() == "GET https://h/o?X-Goog-Signature=[REDACTED] ok"
+    local_run._redact_file(tmp_path / "never-opened.log")  # nothing to redact, no error
+
+
 def test_run_local_refuses_a_non_empty_run_folder(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")

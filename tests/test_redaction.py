@@ -60,6 +60,8 @@ AWS = "AKIAFAKEFAKEFAKE0000"
         ('password="hunter2" user=alice', ["hunter2"], ['password="', "user=alice"]),
         ("X-Auth-Token: abcdef123\nHost: kfp", ["abcdef123"], ["X-Auth-Token: ", "Host: kfp"]),
         ("refresh_token: 'r3fr3sh' # from the file", ["r3fr3sh"], ["# from the file"]),
+        ('password="correct horse" user=alice', ["correct", "horse"], ["user=alice"]),
+        ("api_key: 'two words' next", ["two", "words"], ["api_key: '", "' next"]),
     ],
 )
 def test_redact_removes_secrets_and_keeps_the_rest(text, secrets, kept):
