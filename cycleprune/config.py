@@ -606,7 +606,7 @@ class Config:
         return cls.from_dict(_parse(text, "json", "config JSON"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=True)
 
     @classmethod
     def from_yaml(cls, text: str) -> Config:
@@ -672,12 +672,24 @@ _Loader.add_implicit_resolver(
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
-    if text.startswith(("0o", "0x")):
-        return int(text[2:], 8 if text[1] == "o" else 16)
-    return int(text, 10)
+    try:
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)
+    except ValueError:  # an explicit `!!int` on something else
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not an integer", node.start_mark
+        ) from None
 
 
 _Loader.add_constructor(_INT_TAG, _construct_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string exactly when :class:`_Loader` would read it as something else."""
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 def load_yaml(text: str) -> Any:
