@@ -239,6 +239,7 @@ def convert_tflite(model: Any, mode: str, representative: np.ndarray | None = No
 def _representative_images(dataset_dir: str, config: Config) -> np.ndarray:
     from cycleprune import data
 
+    data.load_info(dataset_dir, verify=True)  # a damaged shard is named, not a DataLossError
     images, _ = data.load_arrays(dataset_dir, "train")
     if len(images) == 0:
         raise data.DataError(f"The train split of {dataset_dir} is empty; nothing to calibrate on.")

@@ -822,7 +822,7 @@ def evaluate_version(
     from cycleprune import data, evaluation
 
     uri = _require_complete(registry, model_name, version)
-    info = data.load_info(dataset_dir)
+    info = data.load_info(dataset_dir, verify=True)
     with tempfile.TemporaryDirectory() as tmp:
         storage.read_prefix(uri, Path(tmp) / "card", files=[CARD_JSON])
         card = storage.read_json(Path(tmp) / "card" / CARD_JSON)
