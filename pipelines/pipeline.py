@@ -233,14 +233,14 @@ def build_pipeline(
                 preset, use extra_config.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
-                class_1, ...
+                class_1, ... A .npz that names its classes needs the same names here, or [].
             batch_size: Batch size per GPU: a step on n GPUs takes n * batch_size images, and
                 steps per epoch (and the CLR step size in steps) scale accordingly.
             augment: Random shifts, rotations and zooms of training images.
             class_weight: Per-class loss weights: balanced (n / (k * n_c)), none, or a list by
                 class index such as [1.0, 0.33] (the article).
             seed: Seed of the data split, shuffling, augmentation and weight initialisation.
-            width: Width multiplier of the VGG network (1.0 = 64..512 filters).
+            width: Width multiplier of the network (1.0 = 64..512 filters).
             min_lr: Lower CLR bound (the article: 1e-3). Set min_lr and max_lr to 0 to train
                 with the LR range test's suggestion; find_lr reports it either way.
             max_lr: Upper CLR bound (the article: 1e-1); 0 = the LR range test's suggestion.
