@@ -686,10 +686,16 @@ _Loader.add_constructor(_INT_TAG, _construct_int)
 
 
 class _Dumper(yaml.SafeDumper):
-    """Quotes a string exactly when :class:`_Loader` would read it as something else."""
+    """Quotes a string whenever :class:`_Loader` or a YAML 1.1 reader would read it as another
+    type (``'1e3'`` for ours, ``'2:4'`` for PyYAML's ``safe_load``), so both read it back."""
 
 
-_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+_Dumper.yaml_implicit_resolvers = {
+    first: [*resolvers, *_Loader.yaml_implicit_resolvers.get(first, [])]
+    for first, resolvers in yaml.SafeDumper.yaml_implicit_resolvers.items()
+}
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _Dumper.yaml_implicit_resolvers.setdefault(_first, list(_resolvers))
 
 
 def load_yaml(text: str) -> Any:

@@ -37,7 +37,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # A quoted value keeps its quotes and may hold spaces: password="a b" -> password="[REDACTED]".
     (
         re.compile(
-            rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=([\"']))(?!\[REDACTED\])[^\"'\n]*(?=\2)"
+            rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=([\"']))(?!\[REDACTED\])"
+            r"(?:(?!\2)[^\n])*(?=\2)"
         ),
         rf"\1{REDACTED}",
     ),
@@ -54,7 +55,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"(?i)(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key"
-            r"|apikey|signature|credential)\s*:[ \t]*([\"']))(?!\[REDACTED\])[^\"'\n]*(?=\2)"
+            r"|apikey|signature|credential)\s*:[ \t]*([\"']))(?!\[REDACTED\])"
+            r"(?:(?!\2)[^\n])*(?=\2)"
         ),
         rf"\1{REDACTED}",
     ),

@@ -694,7 +694,16 @@ def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool)
     """Refuse to resume checkpoints written under other settings; record them for a new run."""
     path = checkpoint_dir / RUN_KEY_FILE
     if resuming and path.is_file():
-        difference = _first_difference(storage.read_json(path), key)
+        stored = storage.read_json(path)
+        skipped: list[str] = []
+        difference = _first_difference(stored, key, skipped=skipped)
+        if skipped and difference is None:
+            logger.warning(
+                "%s was written by an older cycleprune that did not record %s: resuming without "
+                "comparing them",
+                path,
+                ", ".join(skipped),
+            )
         if difference is not None:
             field, old, new = difference
             raise ValueError(
@@ -706,16 +715,31 @@ def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool)
     storage.atomic_write_json(path, key)  # a new run (or one that wrote no checkpoint yet)
 
 
-def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+# Settings older cycleprune versions did not record, with the value they always had then.
+_IMPLIED = {"model.arch": "vgg", "model.bn_momentum": 0.99}
+
+
+def _first_difference(
+    old: Any, new: Any, path: str = "", *, skipped: list[str] | None = None
+) -> tuple[str, Any, Any] | None:
     """``(dotted field, old value, new value)`` of the first leaf that differs, or ``None``.
 
-    A field the stored key ``old`` does not have is not compared: an older cycleprune did not
-    record it, and, as with checkpoints that have no ``run.json`` at all, they still resume.
+    A field the stored key ``old`` does not have was not recorded by an older cycleprune: it is
+    compared with the value it always had then (:data:`_IMPLIED`), or else not compared (and
+    appended to ``skipped``), as checkpoints with no ``run.json`` at all still resume.
     """
     if isinstance(old, dict) and isinstance(new, dict):
-        names = [n for n in new if n in old] + [n for n in old if n not in new]
-        for name in names:  # steps_per_epoch first
-            found = _first_difference(old.get(name), new.get(name), f"{path}.{name}".lstrip("."))
+        for name in [*new, *(n for n in old if n not in new)]:  # steps_per_epoch first
+            field = f"{path}.{name}".lstrip(".")
+            if name in old:
+                stored = old[name]
+            elif field in _IMPLIED:
+                stored = _IMPLIED[field]
+            else:
+                if skipped is not None:
+                    skipped.append(field)
+                continue
+            found = _first_difference(stored, new.get(name), field, skipped=skipped)
             if found is not None:
                 return found
         return None

@@ -65,6 +65,10 @@ def test_numbers_are_read_as_yaml_1_2_writes_them(tmp_path):
     # Strings that read as numbers under YAML 1.2 are quoted when written: the round trip holds.
     named = cfg.override(["data.class_names=['1e3', '0o7']"])
     assert C.Config.from_yaml(named.to_yaml()) == named
+    # ... and those a YAML 1.1 reader would (2:4 is 124 there), for other tools reading it.
+    import yaml
+
+    assert yaml.safe_load(named.to_yaml())["prune"]["m_by_n"] == "2:4"
     with pytest.raises(ValueError, match=r"'0b11' is not an integer"):
         C.Config.from_yaml("data:\n  seed: !!int 0b11\n")
 

@@ -62,6 +62,7 @@ AWS = "AKIAFAKEFAKEFAKE0000"
         ("refresh_token: 'r3fr3sh' # from the file", ["r3fr3sh"], ["# from the file"]),
         ('password="correct horse" user=alice', ["correct", "horse"], ["user=alice"]),
         ("api_key: 'two words' next", ["two", "words"], ["api_key: '", "' next"]),
+        ('password="don\'t tell" user=x', ["don", "tell"], ["user=x"]),
     ],
 )
 def test_redact_removes_secrets_and_keeps_the_rest(text, secrets, kept):

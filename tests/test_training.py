@@ -235,7 +235,7 @@ def test_resume_continues_the_schedule_at_the_saved_step(two_epochs, tiny_datase
 
 
 def test_resume_refuses_checkpoints_written_under_other_settings(
-    two_epochs, tiny_dataset, tmp_path
+    two_epochs, tiny_dataset, tmp_path, caplog
 ):
     from cycleprune import training
 
@@ -285,17 +285,31 @@ def test_resume_refuses_checkpoints_written_under_other_settings(
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written
     # A key an older cycleprune wrote, without the settings recorded since (here the loss),
     # still resumes, as checkpoints with no run.json at all do.
+    # Settings it had one value for then are compared with that value (BatchNorm momentum 0.99).
     older = {k: v for k, v in stored.items() if k != "loss"}
+    older["model"] = {k: v for k, v in stored["model"].items() if k not in ("arch", "bn_momentum")}
     (checkpoints / training.RUN_KEY_FILE).write_text(json.dumps(older))
-    resumed = training.run_training(
-        tiny_dataset,
-        tmp_path / "o3",
-        config,
-        min_lr=MIN_LR,
-        max_lr=MAX_LR,
-        checkpoint_dir=checkpoints,
-    )
+    with caplog.at_level(logging.WARNING, logger="cycleprune.training"):
+        resumed = training.run_training(
+            tiny_dataset,
+            tmp_path / "o3",
+            config,
+            min_lr=MIN_LR,
+            max_lr=MAX_LR,
+            checkpoint_dir=checkpoints,
+        )
     assert resumed.epochs_run == 0  # finished: nothing to train, no error
+    assert "did not record loss: resuming without comparing them" in caplog.text
+    assert config.model.bn_momentum == 0.99 and config.model.arch == "vgg"
+    with pytest.raises(ValueError, match=r"a run with model\.bn_momentum=0\.99, but this run has"):
+        training.run_training(
+            tiny_dataset,
+            tmp_path / "o4",
+            config.override(["model.bn_momentum=0.5"]),
+            min_lr=MIN_LR,
+            max_lr=MAX_LR,
+            checkpoint_dir=checkpoints,
+        )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
