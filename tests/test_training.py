@@ -283,9 +283,9 @@ def test_resume_refuses_checkpoints_written_under_other_settings(
                 checkpoint_dir=checkpoints,
             )
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written
-    # A key an older cycleprune wrote, without the settings recorded since (here the loss),
-    # still resumes, as checkpoints with no run.json at all do.
-    # Settings it had one value for then are compared with that value (BatchNorm momentum 0.99).
+    # A key an older cycleprune wrote, without the settings recorded since, still resumes (as
+    # checkpoints with no run.json at all do), with a warning naming them (here the loss); a
+    # setting that had one value then is compared with it (BatchNorm momentum 0.99).
     older = {k: v for k, v in stored.items() if k != "loss"}
     older["model"] = {k: v for k, v in stored["model"].items() if k not in ("arch", "bn_momentum")}
     (checkpoints / training.RUN_KEY_FILE).write_text(json.dumps(older))
