@@ -35,10 +35,11 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # `name=value` (query strings, form bodies, command lines). The name must start at a boundary
     # (after ?, &, ;, space, quote...), so `TOKEN_PATH=/var/run/...` is not a token.
     # A quoted value keeps its quotes and may hold spaces: password="a b" -> password="[REDACTED]".
+    # An unterminated one (a message cut short) runs to the end of its line.
     (
         re.compile(
             rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAME})=([\"']))(?!\[REDACTED\])"
-            r"(?:(?!\2)[^\n])*(?=\2)"
+            r"(?:(?!\2)[^\n])*"
         ),
         rf"\1{REDACTED}",
     ),
@@ -56,7 +57,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(
             r"(?i)(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key"
             r"|apikey|signature|credential)\s*:[ \t]*([\"']))(?!\[REDACTED\])"
-            r"(?:(?!\2)[^\n])*(?=\2)"
+            r"(?:(?!\2)[^\n])*"
         ),
         rf"\1{REDACTED}",
     ),

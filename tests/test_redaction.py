@@ -63,6 +63,9 @@ AWS = "AKIAFAKEFAKEFAKE0000"
         ('password="correct horse" user=alice', ["correct", "horse"], ["user=alice"]),
         ("api_key: 'two words' next", ["two", "words"], ["api_key: '", "' next"]),
         ('password="don\'t tell" user=x', ["don", "tell"], ["user=x"]),
+        # An unterminated quote (a message cut short) hides the rest of its line, not one word.
+        ('token="a b c', ["a b", "b c"], ['token="']),
+        ("api_key: 'two words\nnext line", ["two", "words"], ["api_key: '", "\nnext line"]),
     ],
 )
 def test_redact_removes_secrets_and_keeps_the_rest(text, secrets, kept):
