@@ -2,7 +2,8 @@
 
 Every stage writes through these helpers: a file appears under its final name only once it is
 complete (write to a temporary sibling, flush, ``os.replace``), and a folder output is built in a
-temporary sibling folder and renamed into place as a whole. A crash leaves at most a ``.tmp-*``
+temporary sibling folder and renamed into place as a whole (on Linux swapped with the previous
+output in one atomic step, so the name is never missing). A crash leaves at most a ``.tmp-*``
 sibling, which readers ignore and the next writer of the same name removes once it is older than
 :data:`STALE_SECONDS` (a younger one may belong to a writer still at work). A folder output
 replaces an existing folder only if that folder is empty or holds the file every output of its
@@ -16,10 +17,12 @@ comment that opens it. google-cloud-storage is imported only when a ``gs://`` UR
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -184,14 +187,54 @@ def atomic_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists() and _exchange(tmp, path):
+        # One atomic step: ``path`` holds the new output and ``tmp`` the old one.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
-    if path.exists():
+    if path.exists():  # no atomic swap here: a crash between the renames leaves ``old``
         old = path.with_name(f"{TMP_PREFIX}{path.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the system or file system cannot (not Linux, an
+    old glibc, a file system without it): the caller then falls back to two renames.
+    """
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                function = ctypes.CDLL(None, use_errno=True).renameat2
+                function.argtypes = [
+                    ctypes.c_int,
+                    ctypes.c_char_p,
+                    ctypes.c_int,
+                    ctypes.c_char_p,
+                    ctypes.c_uint,
+                ]
+                function.restype = ctypes.c_int
+                _renameat2 = function
+    if not _renameat2:
+        return False
+    result = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    # Any failure (a file system without the swap, gcsfuse, a seccomp profile) changed nothing:
+    # the two renames then run, and report a real error themselves.
+    return result == 0
+
+
+_renameat2: Any = None  # resolved on first use: the libc function, or False where absent
 
 
 def tree_size(path: str | os.PathLike) -> int:

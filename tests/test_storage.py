@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +45,42 @@ def test_atomic_dir_failure_leaves_previous_output(tmp_path):
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_atomic_dir_never_leaves_the_output_missing(tmp_path, monkeypatch):
+    """Killed while the new folder moves in, a run leaves the old output or the new, never none."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", killed_at_the_second_rename)
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        storage.atomic_dir(out, replaces="model.txt") as tmp,
+    ):
+        (tmp / "model.txt").write_text("new")
+    monkeypatch.undo()
+    assert (out / "model.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_swaps_by_two_renames_where_the_system_cannot_swap(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_renameat2", False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.txt").write_text("old")
+    with storage.atomic_dir(out, replaces="model.txt") as tmp:
+        (tmp / "model.txt").write_text("new")
+    assert (out / "model.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
