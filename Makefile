@@ -35,7 +35,7 @@ run: $(STAMP) ## Run the main job: the pipeline on the bundled PneumoniaMNIST (A
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=20 $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
