@@ -483,9 +483,9 @@ def _run_pruning(
         log("train.precision=%s: %s.", config.train.precision, note)
 
     with strategy.scope():
-        pruned = prune_model(
-            models.load_model(model_path), prune, steps_per_epoch=steps, final_sparsity=target
-        )
+        dense = models.load_model(model_path)
+        model_sha256 = _model_sha256(dense)
+        pruned = prune_model(dense, prune, steps_per_epoch=steps, final_sparsity=target)
         optimizer = schedules.make_optimizer(
             config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
         )
@@ -522,7 +522,7 @@ def _run_pruning(
         # (its checkpoints would replace another model's weights) and the input's settings
         # (augmentation, class weights), as in training.
         resume_key={
-            "model_sha256": _file_sha256(model_path),
+            "model_sha256": model_sha256,
             "dataset": info.version,
             "data": dataclasses.asdict(config.data),
             "final_sparsity": target,
@@ -609,13 +609,20 @@ def _run_pruning(
     )
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    import hashlib
+def _model_sha256(model: keras.Model) -> str:
+    """sha256 of a model's architecture and weights.
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    Not of its file: Keras writes the save time into a ``.keras`` file, so a training stage that
+    ran again (a retry, a resume of a finished run) saves the same model with other bytes.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(weight.numpy())
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(value.tobytes())
     return digest.hexdigest()
 
 

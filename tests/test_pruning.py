@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import re
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +279,17 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
     assert again.history["epochs"] == history["epochs"]
     assert again.best_checkpoint == result.best_checkpoint
     assert again.sparsity == result.sparsity
+    # The same model in a file with other bytes (Keras writes the save time into it, so a rerun
+    # of the training stage gives one) resumes too.
+    resaved = tmp_path / "resaved.keras"
+    with zipfile.ZipFile(base) as source, zipfile.ZipFile(resaved, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            info.date_time = (2030, 1, 1, 0, 0, 0)
+            target.writestr(info, data)
+    assert resaved.read_bytes() != Path(base).read_bytes()
+    resumed = pruning.run_pruning(resaved, tiny_dataset, out, config, min_lr=1e-3, max_lr=1e-2)
+    assert resumed.history["epochs"] == history["epochs"]
     # Another model into the same folder: its checkpoints would replace the new model's weights
     # (and, the run being finished, the old pruned model would come back as the new one's).
     other = tmp_path / "other.keras"
