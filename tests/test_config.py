@@ -158,13 +158,23 @@ def test_configs_are_frozen():
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
-def test_best_is_small_upsampled_to_64():
-    # The ablation measured one difference (model.input_size=64, on small's 24 + 12 epochs).
-    # It keeps BatchNorm momentum 0.99, as measured (small's 0.9 came in the eighth round).
-    upsampled = C.preset("small").override(["model.input_size=64", "model.bn_momentum=0.99"])
-    assert C.preset("best") == upsampled
-    assert C.preset("small").model.input_size == 0 and C.preset("small").train.epochs == 24
-    assert C.preset("small").model.bn_momentum == 0.9
+def test_best_is_small_on_a_half_width_resnet_pruned_longer():
+    # The ablation measured these differences (the eleventh and twelfth rounds) on small's data,
+    # training and thresholds.
+    expected = C.preset("small").override(
+        [
+            "model.arch=resnet",
+            "model.width=0.5",
+            "prune.sparsities=[0.9]",
+            "prune.epochs=24",
+            "prune.end_epoch=18",
+            "prune.lr_scale=1.0",
+        ]
+    )
+    assert C.preset("best") == expected
+    small = C.preset("small")
+    assert (small.model.arch, small.train.epochs, small.prune.epochs) == ("vgg", 24, 12)
+    assert small.model.bn_momentum == 0.9 and small.prune.lr_scale == 0.3
     assert C.load_config("best", overrides=["train.epochs=3"]).train.epochs == 3
 
 
