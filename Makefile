@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers for `make test`/`test-fast` (CI has 2 cores; 1 runs in one process).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .DEFAULT_GOAL := help
 
@@ -35,10 +38,10 @@ run: $(STAMP) ## Run the main job: the pipeline on the bundled PneumoniaMNIST (A
 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=20 $(ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=20 $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests not marked slow
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check .
