@@ -135,6 +135,81 @@ def _fit_tiny(ds, checkpoint_dir, *, steps_per_epoch, val_ds=None, **kwargs):
     )
 
 
+def _constant_model(probs):
+    """A model of two features that outputs ``probs`` whatever its input."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.set_weights([np.zeros((2, 2), np.float32), np.log(np.asarray(probs, np.float32))])
+    return model
+
+
+def test_distillation_pulls_the_model_to_the_teacher_in_proportion_to_its_weight(tmp_path):
+    from cycleprune import training
+
+    # Every label says class 0; the teacher says 30 / 70 whatever the input.
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    labels = np.eye(2, dtype=np.float32)[np.zeros(64, int)]
+    ds = tf.data.Dataset.from_tensor_slices((x, labels)).batch(16)
+    teacher = _constant_model([0.3, 0.7])
+
+    def trained(weight):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+        distill = training.Distillation(teacher, weight, 2.0) if weight else None
+        result = training.fit(
+            model,
+            ds,
+            ds,
+            optimizer=keras.optimizers.SGD(0.5),
+            loss=keras.losses.CategoricalCrossentropy(),
+            epochs=30,
+            steps_per_epoch=4,
+            checkpoint_dir=tmp_path / f"w{weight}",
+            max_to_keep=1,
+            distill=distill,
+        )
+        assert "train_step" not in vars(model)  # its own train_step again after fit
+        return float(model.predict(x, verbose=0)[:, 1].mean()), result
+
+    alone, _ = trained(0.0)
+    half, _ = trained(0.5)
+    only, result = trained(1.0)
+    assert alone < 0.05  # the labels alone: class 0
+    assert only == pytest.approx(0.7, abs=0.03)  # the teacher alone: its 70 %
+    assert alone + 0.1 < half < only - 0.1
+    # Validation and the reported loss are the plain loss against the labels.
+    last = result.epochs[-1]
+    assert last["val_loss"] == pytest.approx(-math.log(1 - only), rel=0.05)
+    stored = json.loads((tmp_path / "w1.0" / training.RUN_KEY_FILE).read_text())
+    assert stored["distill"] == {"weight": 1.0, "temperature": 2.0}
+    assert "distill" not in json.loads((tmp_path / "w0.0" / training.RUN_KEY_FILE).read_text())
+
+
+def test_a_run_resumes_only_with_the_distillation_it_started_with(tmp_path):
+    from cycleprune import training
+
+    teacher = _constant_model([0.3, 0.7])
+    for folder, first, then, message in [
+        ("off-on", None, 0.5, "a run with distill=null, but this run has distill={"),
+        ("on-off", 0.5, None, 'a run with distill={"temperature": 2.0, "weight": 0.5}, but'),
+        ("half-all", 0.5, 1.0, "a run with distill.weight=0.5, but this run has distill.weight=1"),
+    ]:
+        for weight in (first, then):
+            distill = training.Distillation(teacher, weight, 2.0) if weight else None
+            if weight is then:
+                with pytest.raises(ValueError, match=re.escape(message)):
+                    _fit_tiny(_tiny(8, 4), tmp_path / folder, steps_per_epoch=2, distill=distill)
+            else:
+                _fit_tiny(_tiny(8, 4), tmp_path / folder, steps_per_epoch=2, distill=distill)
+    other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(ValueError, match=r"teacher's output shape \(None, 3\) differs"):
+        distill = training.Distillation(other, 0.5, 2.0)
+        _fit_tiny(_tiny(8, 4), tmp_path / "shape", steps_per_epoch=2, distill=distill)
+    with pytest.raises(ValueError, match=r"`weight` must be in \(0, 1\]\. Received: weight=0"):
+        training.Distillation(teacher, 0, 2.0)
+    with pytest.raises(ValueError, match=r"`temperature` must be > 0\. Received: temperature=-1"):
+        training.Distillation(teacher, 0.5, -1)
+
+
 def test_fit_rejects_steps_that_disagree_with_the_dataset(tmp_path):
     with pytest.raises(ValueError, match="steps_per_epoch=3"):
         _fit_tiny(_tiny(10, 5), tmp_path, steps_per_epoch=3)
