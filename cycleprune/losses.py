@@ -105,9 +105,7 @@ def distillation_loss(teacher_probs, student_probs, temperature: float) -> tf.Te
     ``T**2 * KL(softmax(log t / T) || softmax(log s / T))`` (Hinton et al. 2015): both outputs
     are softened at temperature ``T`` (their logits are recovered as log-probabilities, up to a
     constant that the softmax cancels), and ``T**2`` keeps the gradient's scale independent of
-    ``T``. At ``T = 1`` it is ``KL(t || s)``. Probabilities are clipped to ``[1e-7, 1]`` first,
-    so a student probability under 1e-7 gets no gradient from this term (the hard loss, with
-    label smoothing, keeps the outputs of the models trained here well above that).
+    ``T``. At ``T = 1`` it is ``KL(t || s)``. Probabilities are clipped to ``[1e-7, 1]`` first.
 
     Reference: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
     2015, https://arxiv.org/abs/1503.02531.
@@ -118,7 +116,7 @@ def distillation_loss(teacher_probs, student_probs, temperature: float) -> tf.Te
         temperature: ``T``, > 0.
 
     Returns:
-        ``[N]`` losses, >= 0 up to rounding (0 where the two distributions agree).
+        ``[N]`` losses, >= 0 (0 where the two distributions agree).
 
     Raises:
         ValueError: ``temperature`` not > 0.

@@ -396,10 +396,6 @@ def run_pruning(
     pruning schedule's steps (``begin_step``, ``end_step``) come from the resulting
     ``steps_per_epoch``.
 
-    With ``prune.distill_weight`` > 0 the fine-tuning also distils from the dense model (the
-    input model, never trained: :class:`cycleprune.training.Distillation`), at
-    ``prune.distill_temperature``.
-
     Fine-tuning runs in float32 whatever ``train.precision`` says, inside
     :func:`cycleprune.precision.policy_scope` (so a caller's global policy does not leak in):
     tfmot's pruning wrapper does not keep float32 master weights under ``mixed_float16``
@@ -408,9 +404,8 @@ def run_pruning(
 
     Writes, each atomically: ``out_dir/model.keras`` (stripped, float32),
     ``out_dir/history.json`` (``epochs``: per-epoch metrics, ``sparsity``/``lr``: per step from
-    the closed forms, the schedule's parameters, ``distill_weight`` and ``distill_temperature``
-    (``None`` when off), ``precision`` and ``precision_note``: why not mixed precision, or
-    ``""``), ``out_dir/sparsity.json`` (``{target, overall, layers,
+    the closed forms, the schedule's parameters, ``precision`` and ``precision_note``: why not
+    mixed precision, or ``""``), ``out_dir/sparsity.json`` (``{target, overall, layers,
     best_checkpoint, ...}``) and ``out_dir/tensorboard/`` (epoch metrics, ``epoch_sparsity`` and
     ``layer_sparsity/<layer>``).
 
@@ -491,8 +486,10 @@ def _run_pruning(
         dense = models.load_model(model_path)
         model_sha256 = _model_sha256(dense)
         distill = None
-        if prune.distill_weight > 0:  # the dense model (never trained: pruning clones it) teaches
-            distill = training.Distillation(dense, prune.distill_weight, prune.distill_temperature)
+        if prune.distill_weight > 0:  # the dense model teaches its pruned copy
+            distill = training.Distillation(
+                models.load_model(model_path), prune.distill_weight, prune.distill_temperature
+            )
         pruned = prune_model(dense, prune, steps_per_epoch=steps, final_sparsity=target)
         optimizer = schedules.make_optimizer(
             config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps

@@ -46,7 +46,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import shutil
@@ -158,15 +157,11 @@ class Distillation:
     is the model's output on the (augmented) batch, ``t`` the teacher's on the same batch
     (inference mode), and ``D`` is :func:`cycleprune.losses.distillation_loss` at
     ``temperature``, averaged like the loss (sample weights included, over the global batch).
-    Validation and the reported ``loss`` are the plain loss. The model's regularisation losses
-    (``model.losses``) are added at full weight, outside the ``(1 - weight)`` share.
-
-    ``fit`` sets this step as an attribute of the model for the run and removes it afterwards,
-    so a subclass's own ``train_step`` is not used while distilling.
+    Validation and the reported ``loss`` are the plain loss.
 
     Attributes:
-        teacher: A Keras model that takes the model's input and has its output shape (e.g. the
-            dense model a pruned copy is fine-tuned from); never trained.
+        teacher: A model with the same input and output shapes (e.g. the dense model a pruned
+            copy is fine-tuned from); never trained.
         weight: Share of the distillation term, in (0, 1].
         temperature: Softening temperature, > 0.
     """
@@ -176,14 +171,6 @@ class Distillation:
     temperature: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.teacher, keras.Model):
-            raise ValueError(
-                f"Argument `teacher` must be a Keras model. Received: teacher={self.teacher!r}"
-            )
-        for name in ("weight", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"Argument `{name}` must be a number. Received: {name}={value!r}")
         if not (math.isfinite(self.weight) and 0 < self.weight <= 1):
             raise ValueError(
                 f"Argument `weight` must be in (0, 1]. Received: weight={self.weight!r}"
@@ -209,18 +196,13 @@ def _distilling_train_step(model: keras.Model, distill: Distillation) -> Callabl
         teacher_probs = teacher(x, training=False)
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            # The compiled loss against the labels (it also feeds the reported `loss`), without
-            # the regularisation losses: they are added below, at full weight.
-            hard = model.compiled_loss(y, probs, sample_weight, regularization_losses=[])
+            hard = model.compute_loss(x, y, probs, sample_weight)  # + regularisation losses
             per_example = losses.distillation_loss(teacher_probs, probs, distill.temperature)
-            weights = None
             if sample_weight is not None:
-                weights = tf.reshape(tf.cast(sample_weight, per_example.dtype), [-1])
+                sample_weight = tf.reshape(tf.cast(sample_weight, per_example.dtype), [-1])
             # Averaged over the global batch, like the compiled loss under a strategy.
-            soft = tf.nn.compute_average_loss(per_example, sample_weight=weights)
+            soft = tf.nn.compute_average_loss(per_example, sample_weight=sample_weight)
             loss = (1.0 - weight) * hard + weight * soft
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
         model.optimizer.minimize(loss, model.trainable_variables, tape=tape)
         return model.compute_metrics(x, y, probs, sample_weight)
 
@@ -549,7 +531,7 @@ def fit(
             setting, rather than continuing (or reporting) a schedule that the restored steps
             never followed.
         distill: Distil from a teacher model (:class:`Distillation`); its weight and
-            temperature join the resume key (a resume cannot switch it on or off, or change it).
+            temperature join the resume key (a run cannot be resumed with or without it).
 
     Returns:
         A :class:`FitResult`.
@@ -557,8 +539,7 @@ def fit(
     Raises:
         DivergenceError: a non-finite loss (training or validation) or non-finite weights.
         cycleprune.preemption.PreemptedError: SIGTERM arrived; a checkpoint was written.
-        ValueError: bad ``epochs``/``steps_per_epoch``, a teacher (``distill``) whose output
-            shape differs from the model's, a dataset whose cardinality disagrees
+        ValueError: bad ``epochs``/``steps_per_epoch``, a dataset whose cardinality disagrees
             with ``steps_per_epoch``, a checkpoint that does not match the model, a checkpoint
             folder written under other settings (``resume_key``), or an epoch that ran out of
             data before ``steps_per_epoch`` steps.
@@ -570,12 +551,6 @@ def fit(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Argument `{name}` must be an int >= 1. Received: {name}={value!r}")
-    if distill is not None and tuple(distill.teacher.output_shape) != tuple(model.output_shape):
-        raise ValueError(
-            f"Argument `distill`: the teacher's output shape must equal the model's "
-            f"{model.output_shape}. Received: distill.teacher.output_shape="
-            f"{distill.teacher.output_shape}"
-        )
     if steps_per_execution > 1:
         for callback in extra_callbacks:
             # tf_keras' own test (CallbackList uses it to skip batch hooks nobody implements).
@@ -679,6 +654,11 @@ def fit(
     )
     guard = SigtermGuard() if handle_sigterm else contextlib.nullcontext(_NoGuard())
     if distill is not None:
+        if tuple(distill.teacher.output_shape) != tuple(model.output_shape):
+            raise ValueError(
+                f"The teacher's output shape {distill.teacher.output_shape} differs from the "
+                f"model's {model.output_shape}"
+            )
         model.train_step = _distilling_train_step(model, distill)
     try:
         with guard as sigterm:
@@ -736,7 +716,7 @@ def fit(
         recorder.close()
         if distill is not None:  # the model's own train_step, and no graph holding the teacher
             del model.train_step
-            model.train_function = model.train_tf_function = None
+            model.train_function = None
     if initial_epoch >= epochs:
         logger.warning(
             "%s is already at epoch %d of %d: nothing to train.", latest, initial_epoch, epochs
@@ -810,8 +790,7 @@ def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool)
     storage.atomic_write_json(path, key)  # a new run (or one that wrote no checkpoint yet)
 
 
-# Settings older cycleprune versions did not record, with the value they always had then
-# (``distill`` is also left out of the key when distillation is off).
+# Settings older cycleprune versions did not record, with the value they always had then.
 _IMPLIED = {"model.arch": "vgg", "model.bn_momentum": 0.99, "distill": None}
 
 
