@@ -409,11 +409,6 @@ class PruneConfig:
             every ``Conv2D``/``Dense`` layer). Small layers (the first convolutions, the
             classifier) hold a sliver of the bytes but much of the accuracy.
         lr_scale: Multiplier on both CLR bounds while fine-tuning (1 = the training bounds).
-        distill_weight: Knowledge distillation from the dense model while fine-tuning: the
-            share of the loss given to matching its softened probabilities (``(1 - w) *`` the
-            training loss ``+ w *`` the distillation term; 0 = off, 1 = the dense model's outputs
-            only). See :class:`cycleprune.training.Distillation`.
-        distill_temperature: The distillation's softening temperature (> 0).
     """
 
     sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
@@ -427,25 +422,9 @@ class PruneConfig:
     m_by_n: str = ""
     min_weights: int = 0
     lr_scale: float = 1.0
-    distill_weight: float = 0.0
-    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         s = "prune"
-        _check(
-            math.isfinite(self.distill_weight) and 0 <= self.distill_weight <= 1,
-            s,
-            "distill_weight",
-            self.distill_weight,
-            "must be in [0, 1]",
-        )
-        _check(
-            math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
-            s,
-            "distill_temperature",
-            self.distill_temperature,
-            "must be > 0",
-        )
         _check(self.min_weights >= 0, s, "min_weights", self.min_weights, "must be >= 0")
         _check(
             math.isfinite(self.lr_scale) and 0 < self.lr_scale <= 1,

@@ -1,4 +1,4 @@
-"""Training losses: categorical focal loss (as in the article), cross-entropy, distillation."""
+"""Training losses: categorical focal loss (as in the article) and cross-entropy."""
 
 from __future__ import annotations
 
@@ -97,37 +97,3 @@ def make_loss(config: TrainConfig) -> keras.losses.Loss:
     if config.loss == "crossentropy":
         return keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     raise ValueError(f"Unknown loss. Received: loss={config.loss!r}")
-
-
-def distillation_loss(teacher_probs, student_probs, temperature: float) -> tf.Tensor:
-    """Per-example knowledge-distillation loss between two models' softmax outputs.
-
-    ``T**2 * KL(softmax(log t / T) || softmax(log s / T))`` (Hinton et al. 2015): both outputs
-    are softened at temperature ``T`` (their logits are recovered as log-probabilities, up to a
-    constant that the softmax cancels), and ``T**2`` keeps the gradient's scale independent of
-    ``T``. At ``T = 1`` it is ``KL(t || s)``. Probabilities are clipped to ``[1e-7, 1]`` first.
-
-    Reference: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
-    2015, https://arxiv.org/abs/1503.02531.
-
-    Args:
-        teacher_probs: ``[N, K]`` probabilities of the teacher (no gradient flows into them).
-        student_probs: ``[N, K]`` probabilities of the student.
-        temperature: ``T``, > 0.
-
-    Returns:
-        ``[N]`` losses, >= 0 (0 where the two distributions agree).
-
-    Raises:
-        ValueError: ``temperature`` not > 0.
-    """
-    if not temperature > 0:
-        raise ValueError(f"Argument `temperature` must be > 0. Received: temperature={temperature}")
-    student = tf.convert_to_tensor(student_probs)
-    teacher = tf.stop_gradient(tf.cast(teacher_probs, student.dtype))
-
-    def log_soft(probs):
-        return tf.nn.log_softmax(tf.math.log(tf.clip_by_value(probs, _EPSILON, 1.0)) / temperature)
-
-    log_t, log_s = log_soft(teacher), log_soft(student)
-    return temperature**2 * tf.reduce_sum(tf.exp(log_t) * (log_t - log_s), axis=-1)

@@ -485,11 +485,6 @@ def _run_pruning(
     with strategy.scope():
         dense = models.load_model(model_path)
         model_sha256 = _model_sha256(dense)
-        distill = None
-        if prune.distill_weight > 0:  # the dense model teaches its pruned copy
-            distill = training.Distillation(
-                models.load_model(model_path), prune.distill_weight, prune.distill_temperature
-            )
         pruned = prune_model(dense, prune, steps_per_epoch=steps, final_sparsity=target)
         optimizer = schedules.make_optimizer(
             config.train, config.schedule, min_lr=low, max_lr=high, steps_per_epoch=steps
@@ -531,14 +526,12 @@ def _run_pruning(
             "dataset": info.version,
             "data": dataclasses.asdict(config.data),
             "final_sparsity": target,
-            # (fit keys the distillation itself, and only when it is on.)
             "prune": {
                 k: v
                 for k, v in dataclasses.asdict(prune).items()
-                if k not in ("sparsities", "epochs", "distill_weight", "distill_temperature")
+                if k not in ("sparsities", "epochs")
             },
         },
-        distill=distill,
     )
     best = select_checkpoint(result.checkpoints, goal, DEFAULT_TOLERANCE)
     if not best["reached_target"]:
@@ -586,8 +579,6 @@ def _run_pruning(
         "policy": config.schedule.policy,
         "gamma": config.schedule.gamma,
         "num_epochs": prune.epochs,
-        "distill_weight": prune.distill_weight,
-        "distill_temperature": prune.distill_temperature if prune.distill_weight else None,
         "steps_per_epoch": steps,
         "global_step": result.global_step,
         "replicas": distribution.replicas(strategy),

@@ -149,66 +149,6 @@ class FitResult:
     checkpoints: list[dict]
 
 
-@dataclasses.dataclass(frozen=True)
-class Distillation:
-    """Knowledge distillation for :func:`fit`: a teacher's softened probabilities in the loss.
-
-    Each training step minimises ``(1 - weight) * loss(y, s) + weight * D(t, s)``, where ``s``
-    is the model's output on the (augmented) batch, ``t`` the teacher's on the same batch
-    (inference mode), and ``D`` is :func:`cycleprune.losses.distillation_loss` at
-    ``temperature``, averaged like the loss (sample weights included, over the global batch).
-    Validation and the reported ``loss`` are the plain loss.
-
-    Attributes:
-        teacher: A model with the same input and output shapes (e.g. the dense model a pruned
-            copy is fine-tuned from); never trained.
-        weight: Share of the distillation term, in (0, 1].
-        temperature: Softening temperature, > 0.
-    """
-
-    teacher: keras.Model
-    weight: float
-    temperature: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.weight) and 0 < self.weight <= 1):
-            raise ValueError(
-                f"Argument `weight` must be in (0, 1]. Received: weight={self.weight!r}"
-            )
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"Argument `temperature` must be > 0. Received: temperature={self.temperature!r}"
-            )
-
-    def key(self) -> dict[str, float]:
-        """The settings a resumed run must share (the teacher is the caller's to key)."""
-        return {"weight": float(self.weight), "temperature": float(self.temperature)}
-
-
-def _distilling_train_step(model: keras.Model, distill: Distillation) -> Callable:
-    """A ``train_step`` for ``model`` that adds ``distill``'s term to the compiled loss."""
-    from cycleprune import losses
-
-    teacher, weight = distill.teacher, float(distill.weight)
-
-    def train_step(data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher_probs = teacher(x, training=False)
-        with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            hard = model.compute_loss(x, y, probs, sample_weight)  # + regularisation losses
-            per_example = losses.distillation_loss(teacher_probs, probs, distill.temperature)
-            if sample_weight is not None:
-                sample_weight = tf.reshape(tf.cast(sample_weight, per_example.dtype), [-1])
-            # Averaged over the global batch, like the compiled loss under a strategy.
-            soft = tf.nn.compute_average_loss(per_example, sample_weight=sample_weight)
-            loss = (1.0 - weight) * hard + weight * soft
-        model.optimizer.minimize(loss, model.trainable_variables, tape=tape)
-        return model.compute_metrics(x, y, probs, sample_weight)
-
-    return train_step
-
-
 @keras.utils.register_keras_serializable(package="cycleprune")
 class PositiveClassAUC(keras.metrics.AUC):
     """ROC AUC of one class's probability against its one-hot label (one-vs-rest).
@@ -457,7 +397,6 @@ def fit(
     on_checkpoint: Callable[[], None] | None = None,
     steps_per_execution: int = 1,
     resume_key: dict[str, Any] | None = None,
-    distill: Distillation | None = None,
 ) -> FitResult:
     """Compile and train ``model`` with checkpoints, exact resume, SIGTERM and divergence checks.
 
@@ -530,8 +469,6 @@ def fit(
             ``checkpoint_dir/run.json``; resuming under different ones is refused, naming the
             setting, rather than continuing (or reporting) a schedule that the restored steps
             never followed.
-        distill: Distil from a teacher model (:class:`Distillation`); its weight and
-            temperature join the resume key (a run cannot be resumed with or without it).
 
     Returns:
         A :class:`FitResult`.
@@ -609,8 +546,6 @@ def fit(
     initial_epoch = int(epoch_var.numpy()) if latest else 0
     state = partial.read(initial_epoch, steps_per_epoch)
     key = _run_key(optimizer, loss, steps_per_epoch, resume_key)
-    if distill is not None:
-        key["distill"] = distill.key()
     _check_run_key(checkpoint_dir, key, resuming=bool(latest) or state is not None)
     offset, carried = 0, None
     if state is not None:
@@ -653,13 +588,6 @@ def fit(
         on_checkpoint=on_checkpoint,
     )
     guard = SigtermGuard() if handle_sigterm else contextlib.nullcontext(_NoGuard())
-    if distill is not None:
-        if tuple(distill.teacher.output_shape) != tuple(model.output_shape):
-            raise ValueError(
-                f"The teacher's output shape {distill.teacher.output_shape} differs from the "
-                f"model's {model.output_shape}"
-            )
-        model.train_step = _distilling_train_step(model, distill)
     try:
         with guard as sigterm:
             sigterm.watch(model)
@@ -714,9 +642,6 @@ def fit(
         ) from None
     finally:
         recorder.close()
-        if distill is not None:  # the model's own train_step, and no graph holding the teacher
-            del model.train_step
-            model.train_function = None
     if initial_epoch >= epochs:
         logger.warning(
             "%s is already at epoch %d of %d: nothing to train.", latest, initial_epoch, epochs
@@ -791,7 +716,7 @@ def _check_run_key(checkpoint_dir: Path, key: dict[str, Any], *, resuming: bool)
 
 
 # Settings older cycleprune versions did not record, with the value they always had then.
-_IMPLIED = {"model.arch": "vgg", "model.bn_momentum": 0.99, "distill": None}
+_IMPLIED = {"model.arch": "vgg", "model.bn_momentum": 0.99}
 
 
 def _first_difference(

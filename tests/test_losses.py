@@ -1,5 +1,4 @@
-"""cycleprune.losses: focal loss values, its cross-entropy limit, serialisation, make_loss; the
-distillation loss."""
+"""cycleprune.losses: focal loss values, its cross-entropy limit, serialisation, make_loss."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import pytest
 
 from cycleprune.compat import keras
 from cycleprune.config import TrainConfig
-from cycleprune.losses import CategoricalFocalLoss, distillation_loss, make_loss
+from cycleprune.losses import CategoricalFocalLoss, make_loss
 
 Y = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
 P = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]], np.float32)
@@ -96,40 +95,3 @@ def test_make_loss():
     cce = make_loss(TrainConfig(loss="crossentropy", label_smoothing=0.05))
     assert isinstance(cce, keras.losses.CategoricalCrossentropy)
     assert cce.get_config()["label_smoothing"] == 0.05
-
-
-def test_distillation_loss_is_t_squared_times_kl_of_the_softened_outputs():
-    teacher = np.array([[0.9, 0.1], [0.3, 0.7], [0.5, 0.5]], np.float32)
-    student = np.array([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2]], np.float32)
-
-    def soften(p, t):
-        q = p ** (1 / t)
-        return q / q.sum(axis=1, keepdims=True)
-
-    for temperature in (1.0, 2.0, 4.0):
-        t, s = soften(teacher, temperature), soften(student, temperature)
-        expected = temperature**2 * (t * np.log(t / s)).sum(axis=1)
-        got = distillation_loss(teacher, student, temperature).numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
-        assert got[1] == pytest.approx(0.0, abs=1e-6)  # the same outputs: nothing to learn
-    # T=1 is KL(teacher || student) itself: 0.9 log(0.9/0.6) + 0.1 log(0.1/0.4)
-    first = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
-    assert distillation_loss(teacher, student, 1.0).numpy()[0] == pytest.approx(first, rel=1e-5)
-    # A certain teacher (a zero probability) stays finite.
-    sure = distillation_loss(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), 2.0).numpy()
-    assert np.all(np.isfinite(sure)) and sure[0] > 0
-
-
-def test_distillation_loss_trains_only_the_student():
-    from cycleprune.compat import tf
-
-    teacher = tf.Variable([[0.9, 0.1]])
-    student = tf.Variable([[0.6, 0.4]])
-    with tf.GradientTape() as tape:
-        loss = distillation_loss(teacher, student, 2.0)
-    to_teacher, to_student = tape.gradient(loss, [teacher, student])
-    assert to_teacher is None
-    # Raising the student's first probability (towards the teacher's) lowers the loss.
-    assert to_student.numpy()[0, 0] < 0 < to_student.numpy()[0, 1]
-    with pytest.raises(ValueError, match=r"`temperature` must be > 0\. Received: temperature=0"):
-        distillation_loss(teacher, student, 0)

@@ -306,23 +306,6 @@ def test_run_pruning_end_to_end(tiny_dataset, tmp_path):
                 base, tiny_dataset, out, config.override(overrides), min_lr=1e-3, max_lr=1e-2
             )
 
-    # Distillation from the dense model: recorded, keyed, and only resumed with the same.
-    assert (history["distill_weight"], history["distill_temperature"]) == (0.0, None)
-    distilling = config.override(["prune.distill_weight=0.5", "prune.distill_temperature=3"])
-    with pytest.raises(ValueError, match=re.escape("a run with distill=null, but this run has")):
-        pruning.run_pruning(base, tiny_dataset, out, distilling, min_lr=1e-3, max_lr=1e-2)
-    distilled = pruning.run_pruning(
-        base, tiny_dataset, tmp_path / "distilled", distilling, min_lr=1e-3, max_lr=1e-2
-    )
-    assert (distilled.history["distill_weight"], distilled.history["distill_temperature"]) == (
-        0.5,
-        3.0,
-    )
-    assert distilled.sparsity == pytest.approx(0.5, abs=0.01)
-    run_key = json.loads((tmp_path / "distilled" / "checkpoints" / "run.json").read_text())
-    assert run_key["distill"] == {"weight": 0.5, "temperature": 3.0}
-    assert "distill_weight" not in run_key["prune"]  # keyed once, by fit
-
     tags = set()
     for path in (out / "tensorboard" / "train").glob("events.out.tfevents.*"):
         for record in tf.data.TFRecordDataset(str(path)):
