@@ -5,9 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
-# pytest-xdist workers for `make test`/`test-fast` (CI has 2 cores; 1 runs in one process).
+# pytest-xdist workers for `make test`/`test-fast` (CI has 2 cores; 0, 1 or empty: one process).
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter-out 0 1,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadfile)
 
 .DEFAULT_GOAL := help
 
