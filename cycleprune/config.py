@@ -8,7 +8,7 @@ JSON and YAML, and overrides come as dotted ``key=value`` strings (``train.epoch
 - ``best``: ``small``'s recipe on a half-width ResNet-18 (``model.arch=resnet``), pruned to 90%
   only, over a fine-tuning twice as long, with layers under 10,000 weights left dense: the
   deployed model's test accuracy 0.947 and AUC 0.982 against ``small``'s 0.938 and 0.977 (3
-  seeds); about 17 minutes per run on 2 CPU cores;
+  seeds); about 17-18 minutes per run on 2 CPU cores;
 - ``seed``: the original article's hyperparameters exactly (full-width VGG, batch 32, CLR
   1e-3..1e-1 with step = 4 epochs, 32 epochs, focal loss, class weights {0: 1.0, 1: 0.33},
   pruning 0 -> 50% over 8 epochs every 100 steps).
@@ -899,16 +899,18 @@ def _best() -> Config:
     ``small``'s data, training and thresholds, pruned only to 90%, over a fine-tuning twice as
     long as ``small``'s (24 epochs, the sparsity ramp over the first 18) at the full LR bounds,
     with every layer under 10,000 weights left dense (``small`` keeps 5,000): this also keeps the
-    first stage's four 3x3 convolutions (9,216 weights each) dense. Measured over 3 seeds in the
-    ablation's eleventh to thirteenth rounds (``benchmarks/results/quality-best.json``): the
-    deployed model's test accuracy 0.947, AUC 0.982 and specificity 0.889, against 0.943 / 0.980
-    / 0.877 with ``min_weights`` 5,000 (``quality-best-ai3.json``), 0.934 / 0.978 / 0.860 for the
-    former ``best`` (``small`` upsampled to 64 pixels, ``quality-best-vgg64.json``) and 0.938 /
-    0.977 / 0.862 for ``small`` (sensitivity 0.981, 0.982, 0.978 and 0.984), each difference
-    about one standard deviation or less. The file is 19.2x smaller instead of 20.7x. With
-    ``small``'s 12 epochs of pruning the network deployed 0.902 / 0.968. Only 90%: it is the one
-    sparsity that meets the 15x size target (the VGG's 75% models are 9.2-9.4x smaller), and each
-    pruning run costs about 8 minutes. About 17 minutes per run on 2 CPU cores.
+    first stage's four 3x3 convolutions (9,216 weights each) and stage 3's 1x1 projection
+    shortcut (8,192) dense. Measured over 3 seeds (the preset's run,
+    ``benchmarks/results/quality-best.json``; the ablation's eleventh to thirteenth rounds chose
+    each setting): the deployed model's test accuracy 0.947, AUC 0.982 and specificity 0.889,
+    against 0.943 / 0.980 / 0.877 with ``min_weights`` 5,000 (``quality-best-ai3.json``), 0.934
+    / 0.978 / 0.860 for the former ``best`` (``small`` upsampled to 64 pixels,
+    ``quality-best-vgg64.json``) and 0.938 / 0.977 / 0.862 for ``small`` (sensitivity 0.981,
+    0.982, 0.978 and 0.984), each difference about one to two standard deviations. The file is
+    19.2x smaller instead of 20.7x. With ``small``'s 12 epochs of pruning the network deployed
+    0.902 / 0.968. Only 90%: it is the one sparsity that meets the 15x size target (the VGG's 75%
+    models are 9.2-9.4x smaller), and each pruning run costs about 8 minutes. About 17-18
+    minutes per run on 2 CPU cores.
     """
     config = _small()
     return config.replace(
