@@ -9,11 +9,17 @@ changes with the data settings only: a new ``epochs`` reuses the cached dataset.
 
 ``config`` is an artifact rather than a string parameter because kfp.local (2.17) replaces task
 output *parameters* consumed inside a ``ParallelFor`` with the loop item; artifacts pass intact.
+
+``list_sparsities`` reads the resolved ``prune.sparsities`` back out of ``config`` as the pipeline's
+fan-out list, so the ``ParallelFor`` runs the branches the configuration names: the preset's
+unless the ``sparsities`` parameter or ``extra_config`` sets them. It is a component of its own
+because kfp.local (2.17) iterates over a task's single ``Output`` only, not over one output of
+several (``configure``'s ``data_config`` must stay a parameter of its own: see above).
 """
 
 from typing import NamedTuple
 
-from kfp.dsl import Artifact, Output
+from kfp.dsl import Artifact, Input, Output
 
 from components._base import component
 
@@ -65,3 +71,15 @@ def configure(
     data = json.dumps(data_config(resolved), sort_keys=True)
     config.metadata.update({"preset": name, "seconds": time.perf_counter() - start})
     return namedtuple("Outputs", ["data_config"])(data)
+
+
+@component
+def list_sparsities(config: Input[Artifact]) -> list:
+    """The resolved configuration's ``prune.sparsities``: one prune branch each."""
+    from pathlib import Path
+
+    from cycleprune.config import Config
+
+    sparsities = list(Config.from_json(Path(config.path).read_text()).prune.sparsities)
+    print(f"Pruning branches: {', '.join(f'{s:.0%}' for s in sparsities)}")
+    return sparsities

@@ -7,12 +7,14 @@ explicit parameter (:data:`PARAMETERS`), then ``extra_config`` (YAML or JSON sec
 
 A parameter left at its form default takes the *preset's* value, so choosing ``preset: small`` in
 the form runs ``small`` and not ``small`` under the article's batch size, width, loss and schedule
-(with the default ``preset: seed`` the two are the same values). Only ``class_names`` and
-``sparsities`` (:data:`ALWAYS_APPLIED`), the pipeline's own choices for the bundled data and the
-fan-out, always apply; and ``min_lr``/``max_lr`` go together: changing either applies both. A
-value equal to a form default can still be forced under another preset through
-``extra_config``. :func:`pipeline_arguments` is the inverse, for running a given ``Config`` as a
-pipeline.
+(with the default ``preset: seed`` the two are the same values). Only ``class_names``
+(:data:`ALWAYS_APPLIED`), the pipeline's own choice for the bundled data, always applies;
+``sparsities`` defaults to ``[]``, the preset's (``seed``: 50%, ``small``: 50/75/90%, ``best``:
+90%), and any list given applies; and ``min_lr``/``max_lr`` go together: changing either applies
+both. A value equal to a form default can still be forced under another preset through
+``extra_config``, which may set any field, ``prune.sparsities`` included: the pipeline fans out
+over the resolved configuration's sparsities. :func:`pipeline_arguments` is the inverse, for
+running a given ``Config`` as a pipeline.
 
 No kfp import: the ``configure`` component imports this module inside its container, where
 ``kfp.dsl`` is the slim runtime.
@@ -51,7 +53,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 # The run form's defaults: the article's hyperparameters (the `seed` preset), except for the
-# pipeline's own choices: named PneumoniaMNIST classes, the article's sparsity plus two more, and
+# pipeline's own choices: named PneumoniaMNIST classes, sparsities [] = the preset's, and
 # prune_end_epoch 0 = the preset's ramp, or all fine-tuning epochs when prune_epochs is set.
 _SEED = preset("seed").to_dict()
 FORM_DEFAULTS: dict[str, Any] = {
@@ -61,12 +63,12 @@ FORM_DEFAULTS: dict[str, Any] = {
 FORM_DEFAULTS.update(
     class_names=["normal", "pneumonia"],
     class_weight=json.dumps(FORM_DEFAULTS["class_weight"]),
-    sparsities=[0.5, 0.75, 0.9],
+    sparsities=[],
     prune_end_epoch=0,
 )
-# Parameters applied even at their form default: they describe the bundled data and the fan-out,
-# not a preset's recipe.
-ALWAYS_APPLIED = frozenset({"class_names", "sparsities"})
+# Parameters applied even at their form default: they describe the bundled data, not a preset's
+# recipe.
+ALWAYS_APPLIED = frozenset({"class_names"})
 _BOUNDS = ("min_lr", "max_lr")
 
 # The DataConfig fields that change what prepare_dataset writes (batching and augmentation
@@ -146,10 +148,10 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
         preset_name: Base preset (``smoke``, ``small``, ``best``, ``seed``).
         params: Pipeline parameter values keyed as in :data:`PARAMETERS` (any subset). One
             equal to its :data:`FORM_DEFAULTS` entry leaves the preset's value, except for
-            :data:`ALWAYS_APPLIED`. ``prune_end_epoch=0`` means the preset's end of the sparsity
-            ramp, or all fine-tuning epochs when ``prune_epochs`` is set.
-        extra_config: YAML/JSON ``{section: {field: value}}`` applied last. It may not change
-            ``prune.sparsities``: the pipeline fans out over the ``sparsities`` parameter.
+            :data:`ALWAYS_APPLIED`. ``sparsities=[]`` (its default) means the preset's.
+            ``prune_end_epoch=0`` means the preset's end of the sparsity ramp, or all
+            fine-tuning epochs when ``prune_epochs`` is set.
+        extra_config: YAML/JSON ``{section: {field: value}}`` applied last.
 
     Returns:
         The validated :class:`Config`.
@@ -159,15 +161,8 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
             message names the field and the value).
     """
     data = _merge(preset_name, params)
-    extra = _parse_extra(extra_config)
-    fanned_out = data["prune"]["sparsities"]
-    for section, values in extra.items():
+    for section, values in _parse_extra(extra_config).items():
         data.setdefault(section, {}).update(values)
-    if "sparsities" in params and data["prune"]["sparsities"] != fanned_out:
-        raise ValueError(
-            "Set prune sparsities with the `sparsities` parameter, not extra_config. Received: "
-            f"prune.sparsities={data['prune']['sparsities']!r}"
-        )
     return Config.from_dict(data)
 
 

@@ -3,11 +3,15 @@
 ::
 
     configure -> prepare_data -> find_lr -> train -> compress -> evaluate -----+
-                                              |                              |
-                                              +-> ParallelFor(sparsities):   v
+        |                                     |                              |
+        +-> list_sparsities ------------------+-> ParallelFor(sparsities):   v
                                                   prune -> compress -> evaluate
                                                                              |
                                            report <- push <- select_model <-+
+
+The loop runs one branch per sparsity of the resolved configuration (``list_sparsities`` reads
+them from ``configure``'s ``config``): the preset's, unless the ``sparsities`` parameter or
+``extra_config`` sets them.
 
 ``push`` writes the selected model to ``<registry>/<model_name>/<version>/`` and moves the
 production pointer only if the candidate passes the promotion gate (:mod:`cycleprune.registry`);
@@ -51,9 +55,10 @@ Cluster settings (``kfp.local`` ignores them):
   ``checkpoint_run_id=False`` (``run_id`` = ""), and there every cached stage is served.
 
 Data flow: the configuration and the LR bounds travel as small JSON artifacts (``configure``'s
-``config``, ``find_lr``'s ``lr_finder``). Into the ``ParallelFor`` only artifacts and pipeline
-parameters go: kfp.local 2.17 replaces a task-output *parameter* consumed inside a loop with the
-loop item.
+``config``, ``find_lr``'s ``lr_finder``). Into the ``ParallelFor`` only artifacts, pipeline
+parameters and the loop item go: kfp.local 2.17 replaces a task-output *parameter* consumed inside
+a loop with the loop item. The loop's items are ``list_sparsities``' single output: kfp.local 2.17
+iterates over a task's ``Output`` only, not over one named output of several.
 """
 
 import functools
@@ -65,7 +70,7 @@ from kfp.dsl.pipeline_channel import PipelineChannel
 
 from components._base import DEFAULT_IMAGE
 from components.compress import compress
-from components.configure import configure
+from components.configure import configure, list_sparsities
 from components.evaluate import evaluate
 from components.find_lr import find_lr
 from components.parameters import FORM_DEFAULTS
@@ -88,6 +93,7 @@ RETRY_BACKOFF = "60s"
 # (cpu request, cpu limit, memory request, memory limit) per stage.
 RESOURCES = {
     "configure": ("250m", "1", "512Mi", "1Gi"),
+    "list_sparsities": ("250m", "1", "512Mi", "1Gi"),
     "prepare_data": ("1", "4", "4Gi", "8Gi"),
     "find_lr": ("4", "8", "16Gi", "32Gi"),
     "train": ("4", "8", "16Gi", "32Gi"),
@@ -228,9 +234,9 @@ def build_pipeline(
             preset: Base configuration: seed (the article), small, best (small's recipe on
                 a half-width ResNet-18, pruned to 90% over a longer fine-tuning, about three
                 times the run time) or smoke. Every parameter below left at its default (the
-                article's value) takes this preset's value instead; class_names and
-                sparsities always apply, and min_lr and max_lr go together. To force a value
-                equal to a default under another preset, use extra_config.
+                article's value, or [] for sparsities) takes this preset's value instead;
+                class_names always applies, and min_lr and max_lr go together. To force a
+                value equal to a default under another preset, use extra_config.
             class_names: Names of the label indices of a .npz source (ignored for image
                 folders, whose class folders name them); [] = the file's own names or class_0,
                 class_1, ... A .npz that names its classes needs the same names here, or [].
@@ -253,6 +259,7 @@ def build_pipeline(
             focal_gamma: Focal loss focusing parameter gamma.
             focal_alpha: Focal loss balance parameter alpha.
             sparsities: Target sparsities; one prune -> compress -> evaluate branch each.
+                [] = the preset's (seed: [0.5], small: [0.5, 0.75, 0.9], best: [0.9]).
             prune_epochs: Fine-tuning epochs while pruning.
             prune_end_epoch: Epoch at which the sparsity ramp reaches its target; 0 = the
                 preset's (seed: the last fine-tuning epoch), or the last fine-tuning epoch when
@@ -348,7 +355,8 @@ def build_pipeline(
             "evaluate",
         ).outputs["evaluation"]
 
-        with dsl.ParallelFor(sparsities) as sparsity:
+        fan_out = stage(list_sparsities(config=config), "list_sparsities").output
+        with dsl.ParallelFor(fan_out) as sparsity:
             prune_task = stage(
                 prune(
                     model=train_task.outputs["model"],

@@ -13,7 +13,7 @@ import pytest
 from kfp import dsl
 
 from components.compress import compress
-from components.configure import configure
+from components.configure import configure, list_sparsities
 from components.evaluate import evaluate
 from components.find_lr import find_lr
 from components.parameters import (
@@ -120,7 +120,8 @@ def test_data_config_ignores_training_settings(tmp_path, config):
         ({"lr_policy": "cosine"}, r"schedule\.policy"),
         ({"extra_config": "train: {epochz: 3}"}, "epochz"),
         ({"extra_config": "[1, 2]"}, "extra_config"),
-        ({"extra_config": "prune: {sparsities: [0.3]}"}, "sparsities"),
+        ({"sparsities": [0.5, 1.0]}, r"prune\.sparsities must all be in \(0, 1\)"),
+        ({"extra_config": "prune: {sparsities: []}"}, r"prune\.sparsities must not be empty"),
         ({"min_lr": 0.1, "max_lr": 0.01}, r"schedule\.min_lr"),
     ],
 )
@@ -135,8 +136,22 @@ def test_the_run_form_left_at_its_defaults_runs_the_chosen_preset(name):
     resolved = build_config(name, FORM_DEFAULTS).to_dict()
     expected = preset(name).to_dict()
     expected["data"]["class_names"] = ["normal", "pneumonia"]  # always applied
-    expected["prune"]["sparsities"] = [0.5, 0.75, 0.9]
-    assert resolved == expected
+    assert resolved == expected  # the preset's sparsities too: best prunes to 90% only
+
+
+def test_the_pruning_branches_are_the_resolved_configs_sparsities(tmp_path, config):
+    def branches(**changes) -> list:
+        resolved, _ = run_configure(tmp_path, config, **changes)
+        output = art(dsl.Artifact, tmp_path, "configure", "config")  # the file just written
+        assert json.loads(Path(output.path).read_text()) == resolved
+        return list_sparsities.python_func(config=output)
+
+    assert branches(preset="best", sparsities=[]) == [0.9]  # [] = the preset's
+    assert branches(preset="seed", sparsities=[]) == [0.5]
+    assert branches(preset="small", sparsities=[]) == [0.5, 0.75, 0.9]
+    assert branches(preset="best", sparsities=[0.5, 0.8]) == [0.5, 0.8]  # a list given applies
+    # extra_config comes last, prune.sparsities included.
+    assert branches(sparsities=[0.5], extra_config="prune: {sparsities: [0.6, 0.7]}") == [0.6, 0.7]
 
 
 def test_a_changed_form_value_wins_over_the_preset():

@@ -223,8 +223,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     pipeline = summary["pipeline"]
     assert pipeline["cached"] == [] and pipeline["caching"] is True
     expected_runs = {
-        "configure": 1, "prepare_data": 1, "find_lr": 1, "train": 1, "prune": 2, "compress": 3,
-        "evaluate": 3, "select_model": 1, "push": 1, "report": 1,
+        "configure": 1, "list_sparsities": 1, "prepare_data": 1, "find_lr": 1, "train": 1,
+        "prune": 2, "compress": 3, "evaluate": 3, "select_model": 1, "push": 1, "report": 1,
     }  # fmt: skip
     assert {k: len(v) for k, v in pipeline["task_seconds"].items()} == expected_runs
     assert sum("success" in line for line in lines) == sum(expected_runs.values())
@@ -309,7 +309,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     )
     assert again["pipeline"]["cached"] == sorted(CACHED_STAGES)
     assert sorted(again["pipeline"]["task_seconds"]) == sorted(UNCACHED_STAGES)
-    assert sum("cached, reusing" in line for line in lines) == 13  # every cached task, loop too
+    assert sum("cached, reusing" in line for line in lines) == 14  # every cached task, loop too
     assert storage.read_json(again_dir / "summary.json") == json.loads(json.dumps(again))
     assert again["models"] == summary["models"] and again["selected"] == summary["selected"]
     for entry in again["models"]:

@@ -47,8 +47,8 @@ def test_writes_ir_and_manifests(compiled):
 def test_task_graph(ir):
     top, loop = _tasks(ir)
     assert set(top) == {
-        "configure", "prepare-data", "find-lr", "train", "compress", "evaluate",
-        "for-loop-1", "select-model", "push", "report",
+        "configure", "list-sparsities", "prepare-data", "find-lr", "train", "compress",
+        "evaluate", "for-loop-1", "select-model", "push", "report",
     }  # fmt: skip
     assert set(loop) == {"prune", "compress-2", "evaluate-2"}
 
@@ -56,12 +56,13 @@ def test_task_graph(ir):
         return set(tasks[name].get("dependentTasks", []))
 
     assert deps(top, "configure") == set()
+    assert deps(top, "list-sparsities") == {"configure"}
     assert deps(top, "prepare-data") == {"configure"}
     assert deps(top, "find-lr") == {"configure", "prepare-data"}
     assert "find-lr" in deps(top, "train")
     assert "train" in deps(top, "compress")
     assert "compress" in deps(top, "evaluate")
-    assert {"train", "find-lr"} <= deps(top, "for-loop-1")
+    assert {"train", "find-lr", "list-sparsities"} <= deps(top, "for-loop-1")
     assert {"evaluate", "for-loop-1"} <= deps(top, "select-model")
     assert {"select-model", "for-loop-1", "prepare-data"} <= deps(top, "push")
     assert {"select-model", "push"} <= deps(top, "report")
@@ -75,9 +76,17 @@ def test_task_graph(ir):
 def test_fan_out_over_sparsities_and_collected_inputs(ir):
     top, _ = _tasks(ir)
     loop = top["for-loop-1"]
-    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--sparsities"
+    # One branch per sparsity of the resolved configuration, not of the raw form parameter.
+    items = loop["parameterIterator"]["items"]["inputParameter"]
+    assert loop["inputs"]["parameters"][items] == {
+        "taskOutputParameter": {"producerTask": "list-sparsities", "outputParameterKey": "Output"}
+    }
+    fan_out = top["list-sparsities"]["inputs"]["artifacts"]["config"]["taskOutputArtifact"]
+    assert fan_out == {"producerTask": "configure", "outputArtifactKey": "config"}
+    configure = top["configure"]["inputs"]["parameters"]["sparsities"]
+    assert configure == {"componentInputParameter": "sparsities"}
     defaults = ir["spec"]["root"]["inputDefinitions"]["parameters"]
-    assert defaults["sparsities"]["defaultValue"] == [0.5, 0.75, 0.9]
+    assert defaults["sparsities"]["defaultValue"] == []  # [] = the preset's
     selected = top["select-model"]["inputs"]["artifacts"]
     assert selected["pruned_evaluations"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
     assert selected["dense_evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate"
@@ -101,7 +110,14 @@ def test_gpu_stages_request_gpus_and_tolerate_the_taint(ir):
         assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in tolerations[
             f"exec-{name}"
         ]["tolerations"]
-    for name in ("configure", "prepare-data", "compress", "select-model", "report"):
+    for name in (
+        "configure",
+        "list-sparsities",
+        "prepare-data",
+        "compress",
+        "select-model",
+        "report",
+    ):
         assert "accelerator" not in _executor(ir, name).get("resources", {})
         assert f"exec-{name}" not in tolerations
 
@@ -148,8 +164,8 @@ def test_retries_and_caching(ir):
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     # Every stage but push (registry side effects) and report (reads push's fresh decision).
     assert cached == {
-        "configure", "prepare-data", "find-lr", "train", "compress", "evaluate", "select-model",
-        "prune", "compress-2", "evaluate-2",
+        "configure", "list-sparsities", "prepare-data", "find-lr", "train", "compress", "evaluate",
+        "select-model", "prune", "compress-2", "evaluate-2",
     }  # fmt: skip
     assert {_stage(n) for n in cached} == set(CACHED_STAGES)
     assert not {"push", "report"} & cached and set(UNCACHED_STAGES) == {"push", "report"}
@@ -179,7 +195,7 @@ def test_env_reaches_every_task_and_is_absent_by_default(tmp_path, ir):
     path = tmp_path / "env.yaml"
     compiler.Compiler().compile(build_pipeline(env={"A_DIGEST": "abc"}), str(path))
     executors = next(yaml.safe_load_all(path.read_text()))["deploymentSpec"]["executors"]
-    assert len(executors) == 12  # compress and evaluate twice: before and inside the loop
+    assert len(executors) == 13  # compress and evaluate twice: before and inside the loop
     for executor in executors.values():
         assert executor["container"]["env"] == [{"name": "A_DIGEST", "value": "abc"}]
     default = ir["spec"]["deploymentSpec"]["executors"].values()
