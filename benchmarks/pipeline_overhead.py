@@ -9,8 +9,9 @@ a fresh pipeline root. Three clocks:
   log line (``summary.json`` ``pipeline.task_seconds``, and intervals recorded here);
 - *compute*: the seconds each component spends inside its one library call, which the
   components time with ``time.perf_counter`` around that call and ``summary.json`` reports as
-  ``seconds`` per stage (every stage records them; one that did not would count wholly as
-  overhead).
+  ``seconds`` per stage (every stage records them but ``list_sparsities``, which only reads the
+  config and returns a list parameter, with no artifact to carry them: its whole task counts as
+  overhead, which it is).
 
 kfp.local runs the ``ParallelFor`` branches two at a time, so the stages' compute can add up to
 more than the wall and ``(wall - compute) / wall`` understates the overhead (it can go negative).
@@ -54,7 +55,7 @@ def bench_config(quick: bool):
     """The ``small`` preset with the bundled data's class names.
 
     Quick: ``smoke`` with one pruned variant and one TFLite format (no SavedModel), the
-    fewest tasks the graph allows (12); at ~4 s of process start and imports per task it still
+    fewest tasks the graph allows (13); at ~4 s of process start and imports per task it still
     takes over a minute a run on two cores.
     """
     from cycleprune.cli import BUNDLED_CLASS_NAMES

@@ -81,5 +81,5 @@ def list_sparsities(config: Input[Artifact]) -> list:
     from cycleprune.config import Config
 
     sparsities = list(Config.from_json(Path(config.path).read_text()).prune.sparsities)
-    print(f"Pruning branches: {', '.join(f'{s:.0%}' for s in sparsities)}")
+    print(f"Pruning branches, by target sparsity: {', '.join(f'{s:g}' for s in sparsities)}")
     return sparsities

@@ -12,8 +12,9 @@ the form runs ``small`` and not ``small`` under the article's batch size, width,
 ``sparsities`` defaults to ``[]``, the preset's (``seed``: 50%, ``small``: 50/75/90%, ``best``:
 90%), and any list given applies; and ``min_lr``/``max_lr`` go together: changing either applies
 both. A value equal to a form default can still be forced under another preset through
-``extra_config``, which may set any field, ``prune.sparsities`` included: the pipeline fans out
-over the resolved configuration's sparsities. :func:`pipeline_arguments` is the inverse, for
+``extra_config``, which may set any field, ``prune.sparsities`` included (unless it contradicts a
+``sparsities`` parameter given): the pipeline fans out over the resolved configuration's
+sparsities. :func:`pipeline_arguments` is the inverse, for
 running a given ``Config`` as a pipeline.
 
 No kfp import: the ``configure`` component imports this module inside its container, where
@@ -138,6 +139,8 @@ def _same(value: Any, default: Any) -> bool:
         return _parse_class_weight(value) == _parse_class_weight(default)
     if isinstance(value, bool) or isinstance(default, bool):
         return value is default
+    if isinstance(default, list) and isinstance(value, tuple):
+        return list(value) == default
     return value == default
 
 
@@ -151,7 +154,8 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
             :data:`ALWAYS_APPLIED`. ``sparsities=[]`` (its default) means the preset's.
             ``prune_end_epoch=0`` means the preset's end of the sparsity ramp, or all
             fine-tuning epochs when ``prune_epochs`` is set.
-        extra_config: YAML/JSON ``{section: {field: value}}`` applied last.
+        extra_config: YAML/JSON ``{section: {field: value}}`` applied last. Its
+            ``prune.sparsities`` may not contradict a non-empty ``sparsities`` parameter.
 
     Returns:
         The validated :class:`Config`.
@@ -161,7 +165,19 @@ def build_config(preset_name: str, params: Mapping[str, Any], extra_config: str 
             message names the field and the value).
     """
     data = _merge(preset_name, params)
-    for section, values in _parse_extra(extra_config).items():
+    extra = _parse_extra(extra_config)
+    given = params.get("sparsities", FORM_DEFAULTS["sparsities"])
+    other = extra.get("prune", {}).get("sparsities")
+    if (
+        not _same(given, FORM_DEFAULTS["sparsities"])
+        and isinstance(other, list | tuple)
+        and list(other) != list(given)
+    ):
+        raise ValueError(
+            "The sparsities parameter and extra_config's prune.sparsities disagree; set one of "
+            f"them. Received: sparsities={given!r}, prune.sparsities={other!r}"
+        )
+    for section, values in extra.items():
         data.setdefault(section, {}).update(values)
     return Config.from_dict(data)
 

@@ -29,7 +29,8 @@ the pipeline's ``report`` component, and on a laptop over a downloaded run. Figu
   ``prepare_data``, ``find_lr``, ``train``, ``prune``, ``compress`` and ``evaluate`` (these
   three per variant), ``select_model``; ``configure``, ``push`` and ``report`` when known (a
   pipeline run has them: :func:`add_stage_seconds` adds ``report``'s own after the report is
-  drawn, so ``report.html``'s table lacks it); and ``total``, their sum. A stage served from
+  drawn, so ``report.html``'s table lacks it); and ``total``, their sum. The pipeline's
+  ``list_sparsities`` task records none (it only reads the config). A stage served from
   the pipeline's cache reports the seconds of the run that computed it;
 - ``tensorboard``: ``{run name: folder relative to the run folder}``; ``report``: ``report.html``;
 - ``config``: the resolved configuration; ``cycleprune_version``;

@@ -50,9 +50,10 @@ Cluster settings (``kfp.local`` ignores them):
   used only to name their checkpoint folder under ``checkpoint_root``. Both KFP and kfp.local
   resolve the placeholder to the run's ID before computing the cache key, so with it those
   three stages, and every stage that consumes their artifacts, run again in every run: on a
-  cluster only ``configure`` and ``prepare_data`` are served from the cache. kfp.local has no
-  retries and no ``checkpoint_root``, so :func:`pipelines.local.run_local` builds the graph with
-  ``checkpoint_run_id=False`` (``run_id`` = ""), and there every cached stage is served.
+  cluster only ``configure``, ``list_sparsities`` and ``prepare_data`` are served from the
+  cache. kfp.local has no retries and no ``checkpoint_root``, so
+  :func:`pipelines.local.run_local` builds the graph with ``checkpoint_run_id=False``
+  (``run_id`` = ""), and there every cached stage is served.
 
 Data flow: the configuration and the LR bounds travel as small JSON artifacts (``configure``'s
 ``config``, ``find_lr``'s ``lr_finder``). Into the ``ParallelFor`` only artifacts, pipeline

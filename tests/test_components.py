@@ -121,7 +121,15 @@ def test_data_config_ignores_training_settings(tmp_path, config):
         ({"extra_config": "train: {epochz: 3}"}, "epochz"),
         ({"extra_config": "[1, 2]"}, "extra_config"),
         ({"sparsities": [0.5, 1.0]}, r"prune\.sparsities must all be in \(0, 1\)"),
-        ({"extra_config": "prune: {sparsities: []}"}, r"prune\.sparsities must not be empty"),
+        ({"sparsities": [0.5, 0.5]}, r"repeated: \['prune_50'\]"),
+        (
+            {"sparsities": [0.5], "extra_config": "prune: {sparsities: [0.6]}"},
+            r"sparsities=\[0\.5\], prune\.sparsities=\[0\.6\]",
+        ),
+        (
+            {"sparsities": [], "extra_config": "prune: {sparsities: []}"},
+            r"prune\.sparsities must not be empty",
+        ),
         ({"min_lr": 0.1, "max_lr": 0.01}, r"schedule\.min_lr"),
     ],
 )
@@ -150,8 +158,10 @@ def test_the_pruning_branches_are_the_resolved_configs_sparsities(tmp_path, conf
     assert branches(preset="seed", sparsities=[]) == [0.5]
     assert branches(preset="small", sparsities=[]) == [0.5, 0.75, 0.9]
     assert branches(preset="best", sparsities=[0.5, 0.8]) == [0.5, 0.8]  # a list given applies
-    # extra_config comes last, prune.sparsities included.
-    assert branches(sparsities=[0.5], extra_config="prune: {sparsities: [0.6, 0.7]}") == [0.6, 0.7]
+    # extra_config comes last, prune.sparsities included (the parameter left at [], or agreeing).
+    assert branches(sparsities=[], extra_config="prune: {sparsities: [0.6, 0.7]}") == [0.6, 0.7]
+    assert branches(sparsities=[0.6], extra_config="prune: {sparsities: [0.6]}") == [0.6]
+    assert build_config("best", {"sparsities": ()}).prune.sparsities == (0.9,)  # () as []
 
 
 def test_a_changed_form_value_wins_over_the_preset():

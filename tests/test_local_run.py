@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from kfp import dsl, local
 
-from components._base import DEFAULT_IMAGE
-from components.configure import configure
+from components._base import DEFAULT_IMAGE, component
+from components.configure import configure, list_sparsities
 from components.parameters import pipeline_arguments
 from components.prepare_data import prepare_data
 from cycleprune import storage
@@ -79,6 +79,50 @@ def test_prepare_data_stays_cached_when_training_settings_change(tmp_path, tiny_
     other = _prepare_only(reseeded, str(tiny_npz))().output
     assert other.uri != first.uri  # a data setting changed: prepared again
     assert hits() == set()
+
+
+@component
+def _branch(sparsity: float) -> float:
+    return sparsity
+
+
+@component
+def _gather(sparsities: list) -> str:
+    import json
+
+    return json.dumps(sorted(sparsities))
+
+
+def _branches(**changes) -> list:
+    """configure -> list_sparsities -> ParallelFor -> Collected, as the pipeline wires them."""
+    arguments = {**pipeline_arguments(smoke_config()), **changes}
+
+    @dsl.pipeline(name="fan-out-only")
+    def fan_out_only() -> str:
+        settle = {"image": DEFAULT_IMAGE, "gpus": 0, "retries": 0}
+        config = _settle(configure(**arguments), "configure", **settle).outputs["config"]
+        items = _settle(list_sparsities(config=config), "list_sparsities", **settle).output
+        with dsl.ParallelFor(items) as sparsity:
+            branch = _branch(sparsity=sparsity)
+        return _gather(sparsities=dsl.Collected(branch.output)).output
+
+    return json.loads(fan_out_only().output)
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:Task .* have no effect:UserWarning")
+def test_the_loop_runs_the_resolved_configs_sparsities(tmp_path):
+    # The form's default [] runs the chosen preset's branches (best: 90% only), and
+    # extra_config's prune.sparsities reaches the loop too.
+    local_run.hide_docker_folder()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        enable_caching=False,
+    )
+    assert _branches(preset="best", sparsities=[], extra_config="") == [0.9]
+    extra = "prune: {sparsities: [0.3, 0.4]}"
+    assert _branches(preset="seed", sparsities=[], extra_config=extra) == [0.3, 0.4]
 
 
 def _task_folders(kfp_run: Path, names) -> None:

@@ -74,8 +74,12 @@ def test_task_graph(ir):
 
 
 def test_fan_out_over_sparsities_and_collected_inputs(ir):
-    top, _ = _tasks(ir)
+    top, body = _tasks(ir)
     loop = top["for-loop-1"]
+    item = {"componentInputParameter": loop["parameterIterator"]["itemInput"]}
+    assert body["prune"]["inputs"]["parameters"]["sparsity"] == item
+    for name in ("compress-2", "evaluate-2"):
+        assert body[name]["inputs"]["parameters"]["target_sparsity"] == item
     # One branch per sparsity of the resolved configuration, not of the raw form parameter.
     items = loop["parameterIterator"]["items"]["inputParameter"]
     assert loop["inputs"]["parameters"][items] == {
@@ -258,7 +262,7 @@ def test_defaults_are_the_article_hyperparameters():
     defaults = {n: p.default for n, p in signature.parameters.items()}
     article = pipeline_arguments(preset("seed"))
     assert defaults["preset"] == "seed"
-    # Named PneumoniaMNIST classes, the article's sparsity plus two more, and 0 = "ramp over all
+    # Named PneumoniaMNIST classes, sparsities [] = "the preset's", and 0 = "ramp over all
     # fine-tuning epochs" are the pipeline's own choices. The CLR bounds are the article's: the
     # range test finds no usable descent on its plain VGG within one epoch (its curve is flat),
     # so automatic bounds (0, 0) are opt-in there; the smaller BatchNorm presets use them.
