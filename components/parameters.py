@@ -14,8 +14,8 @@ the form runs ``small`` and not ``small`` under the article's batch size, width,
 both. A value equal to a form default can still be forced under another preset through
 ``extra_config``, which may set any field, ``prune.sparsities`` included (unless it contradicts a
 ``sparsities`` parameter given): the pipeline fans out over the resolved configuration's
-sparsities. :func:`pipeline_arguments` is the inverse, for
-running a given ``Config`` as a pipeline.
+sparsities. :func:`pipeline_arguments` is the inverse, for running a given ``Config`` as a
+pipeline.
 
 No kfp import: the ``configure`` component imports this module inside its container, where
 ``kfp.dsl`` is the slim runtime.
