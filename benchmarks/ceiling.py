@@ -13,10 +13,17 @@ and each seed's prepared dataset (``DIR/seed*/dataset``), then reports:
   threshold, and the highest test specificity among the thresholds whose sensitivity meets
   ``--min-sensitivity``. It bounds what any threshold rule chosen on validation could reach;
 - **threshold rules**: per rule of :func:`cycleprune.evaluation.choose_threshold` (on
-  validation), the test metrics of each seed's model, their mean and the lowest sensitivity.
+  validation), the test metrics of each seed's model, their mean and the lowest sensitivity;
+- **BatchNorm statistics** (``--bn-refit``, a diagnostic of the validation -> test gap): per
+  seed, the validation and test AUC as trained, and with every BatchNorm layer's moving
+  statistics re-estimated on the train, validation or test images (AdaBN, Li et al. 2016,
+  arXiv 1603.04779). Re-estimating on test reads the test images (not their labels) and is never
+  a deployable choice: a large test gain would say the gap lies in the images' statistics, no gain
+  that it lies elsewhere.
 
     python -m benchmarks.quality --preset small --seeds 1 2 3 4 5 --dense-only --keep DIR
     python -m benchmarks.ceiling DIR --out benchmarks/results/ablation/Z_ceiling_small.json
+    python -m benchmarks.ceiling DIR --preset best --bn-refit --out ...
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 import numpy as np
 
 SPLITS = ("val", "test")
+REFIT_SPLITS = ("train", "val", "test")
 TEST_KEYS = ("accuracy", "sensitivity", "specificity", "auc")
 _TOLERANCE = 1e-12  # as evaluation.choose_threshold's sensitivity floor
 
@@ -197,6 +205,69 @@ def oracle_rows(
     return rows
 
 
+def refit_batchnorm(model: Any, images: np.ndarray, *, batch_size: int = 256, seed: int = 0) -> Any:
+    """Re-estimate every BatchNorm layer's moving statistics on ``images``, in place.
+
+    The images run through the model in training mode, in shuffled chunks of ``batch_size`` (the
+    last one smaller). Each layer's moving mean becomes the image-weighted mean of the chunks'
+    means, and its moving variance that of the chunks' variances: the spread of the chunk means
+    is left out, as in AdaBN's usual estimate. The weights and each layer's momentum are kept.
+
+    Raises:
+        ValueError: the model has no BatchNormalization layer, or ``images`` is empty.
+    """
+    from cycleprune.compat import keras
+
+    norms = [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
+    if not norms:
+        raise ValueError(f"model {model.name!r} has no BatchNormalization layer to refit")
+    if len(images) == 0:
+        raise ValueError("no images to estimate the BatchNorm statistics on")
+    momenta = [layer.momentum for layer in norms]
+    order = np.random.default_rng(seed).permutation(len(images))
+    seen = 0
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = np.asarray(images[order[start : start + batch_size]], dtype=np.float32)
+            for layer in norms:  # moving = (seen * moving + n * chunk's) / (seen + n)
+                layer.momentum = seen / (seen + len(chunk))
+            model(chunk, training=True)
+            seen += len(chunk)
+    finally:
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
+    return model
+
+
+def bn_refit_rows(
+    folders: dict[int, Path], labels: dict[str, np.ndarray], positive: int
+) -> list[dict[str, Any]]:
+    """Per seed: val and test AUC as trained, and after :func:`refit_batchnorm` on each split."""
+    from sklearn.metrics import roc_auc_score
+
+    from cycleprune import data, evaluation, models
+
+    rows = []
+    for seed, folder in folders.items():
+        path = folder / "train" / "model.keras"
+        images = {s: data.load_arrays(str(folder / "dataset"), s)[0] for s in REFIT_SPLITS}
+        row: dict[str, Any] = {"seed": seed}
+        for source in (None, *REFIT_SPLITS):
+            model = models.load_model(path)
+            if source is not None:
+                refit_batchnorm(model, images[source], seed=seed)
+            row[source or "as_trained"] = {
+                split: float(
+                    roc_auc_score(
+                        labels[split], evaluation.predict_proba(model, images[split])[:, positive]
+                    )
+                )
+                for split in SPLITS
+            }
+        rows.append(row)
+    return rows
+
+
 def _rule_name(rule: str, floor: float | None) -> str:
     return rule if floor is None else f"{rule} >= {floor:g}"
 
@@ -249,6 +320,20 @@ def render(result: dict[str, Any]) -> str:
             f"| {name} | {t['accuracy']:.3f} | {t['sensitivity']:.3f} "
             f"({row['lowest_sensitivity']:.3f}) | {t['specificity']:.3f} | {thresholds} |"
         )
+    if result.get("bn_refit"):
+        lines += [
+            "",
+            "BatchNorm statistics re-estimated on a split (a diagnostic: on test it reads the test "
+            "images), each seed's model:",
+            "",
+            "| seed | statistics from | val AUC | test AUC |",
+            "|---|---|---|---|",
+        ]
+        for row in result["bn_refit"]:
+            for source in ("as_trained", *REFIT_SPLITS):
+                auc = row[source]
+                name = "training (as trained)" if source == "as_trained" else f"{source} images"
+                lines.append(f"| {row['seed']} | {name} | {auc['val']:.4f} | {auc['test']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["youden", "f1", "sensitivity:0.95", "sensitivity:0.97"],
         help="threshold rules to compare: RULE or sensitivity:MIN",
     )
+    parser.add_argument(
+        "--bn-refit",
+        action="store_true",
+        help="also score each model with its BatchNorm statistics re-estimated per split",
+    )
     args = parser.parse_args(argv)
     settings = preset(args.preset).evaluate
     rule, rule_floor = (settings.threshold_rule, settings.min_sensitivity)
@@ -326,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "oracle": oracle_rows(labels, probs, oracle_floor),
         "threshold_rules": rule_rows(labels, probs, compare),
     }
+    if args.bn_refit:
+        result["bn_refit"] = bn_refit_rows(folders, labels, positive)
     print(render(result), end="")
     if args.out:
         from cycleprune import storage

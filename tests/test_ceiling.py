@@ -183,3 +183,77 @@ def test_a_bad_oracle_floor_is_refused_before_any_model_loads(tmp_path):
 def test_a_class_the_models_lack_is_refused_with_the_model_path(keep):
     with pytest.raises(ValueError, match=r"--positive-class 2: .*seed1.*model\.keras outputs 2"):
         ceiling.seed_probabilities(ceiling.seed_folders(keep), positive=2)
+
+
+def _first_norm_and_its_input(model):
+    from cycleprune.compat import keras
+
+    first = next(m for m in model.layers if isinstance(m, keras.layers.BatchNormalization))
+    return first, keras.Model(model.input, first.input)
+
+
+def test_refit_batchnorm_sets_the_moving_statistics_from_the_images(tiny_dataset, train_tiny_model):
+    from cycleprune import data
+
+    model = train_tiny_model(tiny_dataset, seed=1)
+    x, _ = data.load_arrays(str(tiny_dataset), "val")  # 80 images: chunks of 32, 32 and 16
+    first, upstream = _first_norm_and_its_input(model)
+    kernels = [w.copy() for w in model.get_weights()]
+    momentum = first.momentum
+    before = first.moving_mean.numpy().copy()
+
+    order = np.random.default_rng(5).permutation(len(x))
+    # The first BatchNorm's input has no BatchNorm upstream: the same in either mode.
+    h = upstream(x[order].astype(np.float32), training=False).numpy()
+    chunks = [h[i : i + 32].reshape(-1, h.shape[-1]) for i in range(0, len(h), 32)]
+    sizes = np.array([len(c) for c in chunks], dtype=np.float64)
+
+    assert ceiling.refit_batchnorm(model, x, batch_size=32, seed=5) is model
+    mean = first.moving_mean.numpy()
+    assert not np.allclose(mean, before, atol=1e-3)
+    # The image-weighted mean of the chunks' means is the mean over all the images.
+    np.testing.assert_allclose(mean, h.reshape(-1, h.shape[-1]).mean(axis=0), atol=1e-4)
+    variances = np.stack([c.var(axis=0, ddof=1) for c in chunks])
+    np.testing.assert_allclose(
+        first.moving_variance.numpy(), sizes @ variances / sizes.sum(), rtol=1e-3, atol=1e-5
+    )
+    assert first.momentum == momentum
+    moved = {id(v) for n in model.submodules if hasattr(n, "moving_mean") for v in n.weights[2:]}
+    for weight, old in zip(model.weights, kernels, strict=True):
+        if id(weight) not in moved:
+            np.testing.assert_array_equal(weight.numpy(), old)
+
+
+def test_refit_batchnorm_refuses_a_model_without_batchnorm_and_no_images(
+    tiny_dataset, train_tiny_model
+):
+    from cycleprune import models
+    from cycleprune.config import ModelConfig
+
+    plain = models.build_model(ModelConfig(width=0.125, batch_norm=False), (28, 28, 1), 2, seed=0)
+    with pytest.raises(ValueError, match=f"{plain.name!r} has no BatchNormalization"):
+        ceiling.refit_batchnorm(plain, np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(ValueError, match="no images"):
+        ceiling.refit_batchnorm(
+            train_tiny_model(tiny_dataset, epochs=1), np.zeros((0, 28, 28, 1), np.uint8)
+        )
+
+
+def test_main_bn_refit_scores_each_seed_as_trained_and_per_split(keep, tmp_path, capsys):
+    out = tmp_path / "ceiling.json"
+    assert ceiling.main([str(keep), "--bn-refit", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["bn_refit"]
+    assert [r["seed"] for r in rows] == [1, 2]
+    oracle_auc = {r["models"]: r["auc"] for r in result["oracle"]}
+    for row in rows:
+        # As trained, the models are the ones the other sections score.
+        assert row["as_trained"]["test"] == pytest.approx(oracle_auc[f"seed {row['seed']}"])
+        assert set(row) == {"seed", "as_trained", "train", "val", "test"}
+        # New statistics change the scores (the fixture's were set from 128 training images).
+        assert row["test"]["test"] != pytest.approx(row["as_trained"]["test"], abs=1e-9)
+    printed = capsys.readouterr().out
+    assert "| 1 | test images |" in printed and "| 2 | training (as trained) |" in printed
+    plain = tmp_path / "plain.json"
+    assert ceiling.main([str(keep), "--out", str(plain)]) == 0
+    assert "bn_refit" not in json.loads(plain.read_text())  # off unless asked: it costs minutes
