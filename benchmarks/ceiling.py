@@ -209,26 +209,34 @@ def refit_batchnorm(model: Any, images: np.ndarray, *, batch_size: int = 256, se
     """Re-estimate every BatchNorm layer's moving statistics on ``images``, in place.
 
     The images run through the model in training mode, in shuffled chunks of ``batch_size`` (the
-    last one smaller). Each layer's moving mean becomes the image-weighted mean of the chunks'
-    means, and its moving variance that of the chunks' variances: the spread of the chunk means
-    is left out, as in AdaBN's usual estimate. The weights and each layer's momentum are kept.
+    last one smaller; a last chunk of one image joins the one before, as one value has no
+    variance on a 1x1 map). Each layer's moving mean becomes the image-weighted mean of the
+    chunks' means, and its moving variance that of the chunks' variances (each Bessel-corrected,
+    as BatchNorm's own update): the spread of the chunk means is left out, as in PreciseBN and
+    ``torch.optim.swa_utils.update_bn``. The weights and each layer's momentum are kept.
 
     Raises:
-        ValueError: the model has no BatchNormalization layer, or ``images`` is empty.
+        ValueError: ``batch_size`` is under 1, ``images`` is empty, or the model has no
+            BatchNormalization layer.
     """
     from cycleprune.compat import keras
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Argument `batch_size` must be an int >= 1. Received: {batch_size=}")
+    if len(images) == 0:
+        raise ValueError("no images to estimate the BatchNorm statistics on")
     norms = [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
     if not norms:
         raise ValueError(f"model {model.name!r} has no BatchNormalization layer to refit")
-    if len(images) == 0:
-        raise ValueError("no images to estimate the BatchNorm statistics on")
+    bounds = [*range(0, len(images), batch_size), len(images)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
+        del bounds[-2]
     momenta = [layer.momentum for layer in norms]
     order = np.random.default_rng(seed).permutation(len(images))
     seen = 0
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = np.asarray(images[order[start : start + batch_size]], dtype=np.float32)
+        for start, stop in itertools.pairwise(bounds):
+            chunk = np.asarray(images[order[start:stop]], dtype=np.float32)
             for layer in norms:  # moving = (seen * moving + n * chunk's) / (seen + n)
                 layer.momentum = seen / (seen + len(chunk))
             model(chunk, training=True)
@@ -239,10 +247,12 @@ def refit_batchnorm(model: Any, images: np.ndarray, *, batch_size: int = 256, se
     return model
 
 
-def bn_refit_rows(
-    folders: dict[int, Path], labels: dict[str, np.ndarray], positive: int
-) -> list[dict[str, Any]]:
-    """Per seed: val and test AUC as trained, and after :func:`refit_batchnorm` on each split."""
+def bn_refit_rows(folders: dict[int, Path], positive: int) -> list[dict[str, Any]]:
+    """Per seed: val and test AUC as trained, and after :func:`refit_batchnorm` on each split.
+
+    Raises:
+        ValueError: a seed's model has no BatchNormalization layer (the message names its file).
+    """
     from sklearn.metrics import roc_auc_score
 
     from cycleprune import data, evaluation, models
@@ -250,20 +260,25 @@ def bn_refit_rows(
     rows = []
     for seed, folder in folders.items():
         path = folder / "train" / "model.keras"
-        images = {s: data.load_arrays(str(folder / "dataset"), s)[0] for s in REFIT_SPLITS}
+        arrays = {s: data.load_arrays(str(folder / "dataset"), s) for s in REFIT_SPLITS}
         row: dict[str, Any] = {"seed": seed}
         for source in (None, *REFIT_SPLITS):
             model = models.load_model(path)
             if source is not None:
-                refit_batchnorm(model, images[source], seed=seed)
-            row[source or "as_trained"] = {
-                split: float(
-                    roc_auc_score(
-                        labels[split], evaluation.predict_proba(model, images[split])[:, positive]
+                try:
+                    refit_batchnorm(model, arrays[source][0], seed=seed)
+                except ValueError as err:
+                    raise ValueError(f"--bn-refit: {path}: {err}") from None
+            row[source or "as_trained"] = {}
+            for split in SPLITS:
+                x, y = arrays[split]
+                p = evaluation.predict_proba(model, x)
+                if p.shape[1] <= positive:
+                    raise ValueError(
+                        f"--positive-class {positive}: {path} outputs {p.shape[1]} classes"
                     )
-                )
-                for split in SPLITS
-            }
+                auc = roc_auc_score(np.asarray(y) == positive, p[:, positive])
+                row[source or "as_trained"][split] = float(auc)
         rows.append(row)
     return rows
 
@@ -400,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     compare = [_rule(text, settings.min_sensitivity) for text in args.compare]
 
     folders = seed_folders(args.keep)
+    # First: a model without BatchNorm (the `seed` preset's) fails before the minutes below.
+    bn_rows = bn_refit_rows(folders, positive) if args.bn_refit else None
     labels, probs = seed_probabilities(folders, positive)
     result = {
         "schema": 1,
@@ -416,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "oracle": oracle_rows(labels, probs, oracle_floor),
         "threshold_rules": rule_rows(labels, probs, compare),
     }
-    if args.bn_refit:
-        result["bn_refit"] = bn_refit_rows(folders, labels, positive)
+    if bn_rows is not None:
+        result["bn_refit"] = bn_rows
     print(render(result), end="")
     if args.out:
         from cycleprune import storage

@@ -224,22 +224,43 @@ def test_refit_batchnorm_sets_the_moving_statistics_from_the_images(tiny_dataset
             np.testing.assert_array_equal(weight.numpy(), old)
 
 
-def test_refit_batchnorm_refuses_a_model_without_batchnorm_and_no_images(
-    tiny_dataset, train_tiny_model
-):
+def test_refit_batchnorm_refuses_bad_arguments_by_name():
     from cycleprune import models
     from cycleprune.config import ModelConfig
 
     plain = models.build_model(ModelConfig(width=0.125, batch_norm=False), (28, 28, 1), 2, seed=0)
+    normed = models.build_model(ModelConfig(width=0.125, batch_norm=True), (28, 28, 1), 2, seed=0)
+    images = np.zeros((4, 28, 28, 1), np.uint8)
     with pytest.raises(ValueError, match=f"{plain.name!r} has no BatchNormalization"):
-        ceiling.refit_batchnorm(plain, np.zeros((4, 28, 28, 1), np.uint8))
+        ceiling.refit_batchnorm(plain, images)
     with pytest.raises(ValueError, match="no images"):
-        ceiling.refit_batchnorm(
-            train_tiny_model(tiny_dataset, epochs=1), np.zeros((0, 28, 28, 1), np.uint8)
-        )
+        ceiling.refit_batchnorm(normed, images[:0])
+    for bad in (0, -1):  # -1 would otherwise run no chunk and return the model unchanged
+        with pytest.raises(ValueError, match=rf"`batch_size` must be an int >= 1.*{bad}"):
+            ceiling.refit_batchnorm(normed, images, batch_size=bad)
+
+
+def test_main_bn_refit_names_a_model_without_batchnorm_first(tiny_dataset, tmp_path):
+    from cycleprune import models, training
+    from cycleprune.config import ModelConfig
+
+    folder = tmp_path / "seed1"
+    shutil.copytree(tiny_dataset, folder / "dataset")
+    plain = models.build_model(ModelConfig(width=0.125, batch_norm=False), (28, 28, 1), 2, seed=0)
+    training.save_model(plain, folder / "train" / "model.keras")
+    with pytest.raises(ValueError, match=r"--bn-refit: .*seed1.*model\.keras: .*no BatchNorm"):
+        ceiling.main([str(tmp_path), "--bn-refit", "--out", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_main_bn_refit_scores_each_seed_as_trained_and_per_split(keep, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from cycleprune import data, evaluation, models
+
+    images, labels = {}, {}
+    for split in ("val", "test"):
+        images[split], labels[split] = data.load_arrays(str(keep / "seed1" / "dataset"), split)
     out = tmp_path / "ceiling.json"
     assert ceiling.main([str(keep), "--bn-refit", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -250,8 +271,21 @@ def test_main_bn_refit_scores_each_seed_as_trained_and_per_split(keep, tmp_path,
         # As trained, the models are the ones the other sections score.
         assert row["as_trained"]["test"] == pytest.approx(oracle_auc[f"seed {row['seed']}"])
         assert set(row) == {"seed", "as_trained", "train", "val", "test"}
+        # Each source's scores are those of the model refit on that split's images.
+        folder = keep / f"seed{row['seed']}"
+        for source in ("train", "val", "test"):
+            model = models.load_model(folder / "train" / "model.keras")
+            x, _ = data.load_arrays(str(folder / "dataset"), source)
+            ceiling.refit_batchnorm(model, x, seed=row["seed"])
+            expected = {
+                split: roc_auc_score(
+                    labels[split], evaluation.predict_proba(model, images[split])[:, 1]
+                )
+                for split in ("val", "test")
+            }
+            assert row[source] == pytest.approx(expected, abs=1e-12)
         # New statistics change the scores (the fixture's were set from 128 training images).
-        assert row["test"]["test"] != pytest.approx(row["as_trained"]["test"], abs=1e-9)
+        assert row["val"]["test"] != pytest.approx(row["as_trained"]["test"], abs=1e-9)
     printed = capsys.readouterr().out
     assert "| 1 | test images |" in printed and "| 2 | training (as trained) |" in printed
     plain = tmp_path / "plain.json"
