@@ -18,8 +18,8 @@ and each seed's prepared dataset (``DIR/seed*/dataset``), then reports:
   seed, the validation and test AUC as trained, and with every BatchNorm layer's moving
   statistics re-estimated on the train, validation or test images (AdaBN, Li et al. 2016,
   arXiv 1603.04779). Re-estimating on test reads the test images (not their labels) and is never
-  a deployable choice: a large test gain would say the gap lies in the images' statistics, no gain
-  that it lies elsewhere.
+  a deployable choice: a large test gain would say the gap lies in the per-channel means and
+  variances that BatchNorm carries, no gain that it does not.
 
     python -m benchmarks.quality --preset small --seeds 1 2 3 4 5 --dense-only --keep DIR
     python -m benchmarks.ceiling DIR --out benchmarks/results/ablation/Z_ceiling_small.json
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = [_rule(text, settings.min_sensitivity) for text in args.compare]
 
     folders = seed_folders(args.keep)
-    # First: a model without BatchNorm (the `seed` preset's) fails before the minutes below.
+    # Refit first: a model without BatchNorm (the `seed` preset's) fails at once, not last.
     bn_rows = bn_refit_rows(folders, positive) if args.bn_refit else None
     labels, probs = seed_probabilities(folders, positive)
     result = {
